@@ -1,0 +1,5 @@
+"""``python -m rayfin`` is the ``rayfin`` command."""
+
+from rayfin.cli import main
+
+main()

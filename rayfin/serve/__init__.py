@@ -1,0 +1,1 @@
+"""Ray Serve application and FastAPI ingress (issue: serving). Nothing here yet."""

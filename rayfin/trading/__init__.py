@@ -1,0 +1,1 @@
+"""Scoring, decisions, risk, simulated execution and the ledger (planned)."""
