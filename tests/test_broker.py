@@ -110,6 +110,11 @@ async def test_aiokafka_round_trip_with_committed_offsets(kafka_broker: Embedded
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # tansu completes a join only after the previous member's session expires,
+            # so short group timeouts keep this test quick (about 14 s instead of 23 s).
+            session_timeout_ms=6_000,
+            heartbeat_interval_ms=500,
+            rebalance_timeout_ms=2_000,
         )
         await consumer.start()
         try:
@@ -132,3 +137,13 @@ async def test_aiokafka_round_trip_with_committed_offsets(kafka_broker: Embedded
     rest, committed = await read(6)
     assert rest == [f"m{i}".encode() for i in range(4, 10)]
     assert committed == 10
+
+
+def test_wildcard_listener_advertises_the_given_host(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(
+        "0.0.0.0", free_port(), state_dir=tmp_path, advertised_host="127.0.0.2"
+    )
+    with broker:
+        assert broker.bootstrap_servers == f"127.0.0.2:{broker.port}"
+        assert "advertised: tcp://127.0.0.2" in broker.log_tail()
+        assert broker.status().running

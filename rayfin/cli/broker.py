@@ -17,12 +17,15 @@ app = typer.Typer(help="Run the embedded Kafka-compatible broker (tansu).", no_a
 _STYLE = {"running": "green", "stopped": "yellow", "stale": "red", "unresponsive": "red"}
 
 
-def _broker(host: str | None = None, port: int | None = None) -> EmbeddedBroker:
+def _broker(
+    host: str | None = None, port: int | None = None, advertised_host: str | None = None
+) -> EmbeddedBroker:
     from rayfin.config import get_settings
     from rayfin.stream.broker import EmbeddedBroker
 
     settings = get_settings().broker
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    given = {"host": host, "port": port, "advertised_host": advertised_host}
+    overrides = {k: v for k, v in given.items() if v is not None}
     return EmbeddedBroker.from_settings(settings.model_copy(update=overrides))
 
 

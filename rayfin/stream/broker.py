@@ -124,8 +124,10 @@ class EmbeddedBroker:
         binary: Path | None = None,
         storage: str = "memory://tansu/",
         start_timeout_s: float = 20.0,
+        advertised_host: str | None = None,
     ) -> None:
         self.host = host
+        self.advertised_host = advertised_host
         self.port = port
         self.state_dir = Path(state_dir)
         self.binary = binary
@@ -146,6 +148,7 @@ class EmbeddedBroker:
             binary=broker.binary,
             storage=broker.storage,
             start_timeout_s=broker.start_timeout_s,
+            advertised_host=broker.advertised_host,
         )
 
     @property
@@ -158,9 +161,16 @@ class EmbeddedBroker:
 
     @property
     def bootstrap_servers(self) -> str:
-        """``host:port`` for Kafka clients. A wildcard listen address is reached locally."""
+        """``host:port`` for Kafka clients, as advertised in the broker's metadata."""
+        if self.advertised_host:
+            return f"{self.advertised_host}:{self.port}"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def _local_address(self) -> tuple[str, int]:
+        # Readiness is probed from this machine, whatever address is advertised.
+        return ("127.0.0.1" if self.host in ("0.0.0.0", "") else self.host), self.port
 
     # -- pid file ---------------------------------------------------------------------
 
@@ -280,7 +290,7 @@ class EmbeddedBroker:
         return self.status()
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
-        host, port = self.bootstrap_servers.rsplit(":", 1)
+        host, port = self._local_address
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             code = proc.poll()
@@ -288,7 +298,7 @@ class EmbeddedBroker:
                 raise BrokerError(
                     f"tansu exited with code {code} during start-up:\n{self.log_tail()}"
                 )
-            if kafka_answers(host, int(port), timeout=0.5):
+            if kafka_answers(host, port, timeout=0.5):
                 return
             time.sleep(0.05)
         raise BrokerError(
