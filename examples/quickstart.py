@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from rayfin.datasets import es_ticks
 from rayfin.features.bars import BarBuilder
-from rayfin.llm import load_local_model
+from rayfin.llm import chat_reply, load_local_model
 from rayfin.stream.replay import frame_to_ticks
 
 
@@ -26,15 +24,7 @@ def main() -> None:
     print(f"{len(bars)} one-minute bars; last close {last.close:.2f}, vwap {last.vwap:.3f}")
 
     model, tokenizer = load_local_model("smollm2-135m")
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is a futures contract? One sentence."}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
-    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    print(chat_reply(model, tokenizer, "What is a futures contract? One sentence."))
 
 
 if __name__ == "__main__":

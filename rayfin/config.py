@@ -28,6 +28,16 @@ CONFIG_ENV_VAR = "RAYFIN_CONFIG"
 LOCAL_CONFIG_FILE = "rayfin.yaml"
 
 
+def client_host(listen_host: str, advertised_host: str | None = None) -> str:
+    """The host clients use for a server listening on ``listen_host``.
+
+    An advertised host wins; a wildcard listener is reached over loopback locally.
+    """
+    if advertised_host:
+        return advertised_host
+    return "127.0.0.1" if listen_host in ("0.0.0.0", "") else listen_host
+
+
 def _xdg_dir(env_var: str, fallback: str) -> Path:
     base = os.environ.get(env_var)
     return Path(base) if base else Path.home() / fallback
@@ -69,10 +79,7 @@ class BrokerSettings(_Section):
     @property
     def address(self) -> str:
         """``host:port`` where clients reach the embedded broker."""
-        if self.advertised_host:
-            return f"{self.advertised_host}:{self.port}"
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"{host}:{self.port}"
+        return f"{client_host(self.host, self.advertised_host)}:{self.port}"
 
     def resolved_bootstrap_servers(self) -> str:
         """Where clients connect: the external Kafka if configured, else the embedded one."""

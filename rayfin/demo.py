@@ -168,9 +168,7 @@ def _print_bars(console: Console, bars: pd.DataFrame) -> None:
 
 
 def _ask_llm(console: Console, report: DemoReport) -> None:
-    import torch
-
-    from rayfin.llm import load_local_model
+    from rayfin.llm import chat_reply, load_local_model
 
     bars = report.bars
     first, last = bars.iloc[0], bars.iloc[-1]
@@ -184,16 +182,7 @@ def _ask_llm(console: Console, report: DemoReport) -> None:
     )
     with console.status("preparing and loading SmolLM2-135M (first run converts the GGUF)"):
         model, tokenizer = load_local_model(get_settings().models.default)
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": report.llm_prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
-    prompt_len = inputs["input_ids"].shape[1]
-    report.llm_answer = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+    report.llm_answer = chat_reply(model, tokenizer, report.llm_prompt)
     console.print(f"[bold]asked SmolLM2:[/bold] {report.llm_prompt}")
     console.print(f"[bold]it answered:[/bold] {report.llm_answer}")
 

@@ -140,9 +140,7 @@ async def test_aiokafka_round_trip_with_committed_offsets(kafka_broker: Embedded
 
 
 def test_wildcard_listener_advertises_the_given_host(tmp_path: Path) -> None:
-    broker = EmbeddedBroker(
-        "0.0.0.0", free_port(), state_dir=tmp_path, advertised_host="127.0.0.2"
-    )
+    broker = EmbeddedBroker("0.0.0.0", free_port(), state_dir=tmp_path, advertised_host="127.0.0.2")
     with broker:
         assert broker.bootstrap_servers == f"127.0.0.2:{broker.port}"
         assert "advertised: tcp://127.0.0.2" in broker.log_tail()

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from rayfin.errors import ModelAssetError
-from rayfin.llm import CATALOG, get_spec, load_local_model, model_dir, prepare_model
+from rayfin.llm import (
+    CATALOG,
+    chat_reply,
+    get_spec,
+    load_local_model,
+    model_dir,
+    prepare_model,
+)
 from rayfin.llm.assets import MARKER_FILE, gguf_path
 
 
@@ -94,13 +101,5 @@ def test_smollm2_knows_the_capital_of_france() -> None:
     assert model.config.num_hidden_layers == 30
     assert model.config.hidden_size == 576
     assert not hasattr(model.config, "quantization_config")
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    answer = chat_reply(model, tokenizer, "What is the capital of France?", max_new_tokens=20)
     assert "Paris" in answer

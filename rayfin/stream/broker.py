@@ -25,7 +25,7 @@ from typing import Self
 
 import psutil
 
-from rayfin.config import BrokerSettings, get_settings
+from rayfin.config import BrokerSettings, client_host, get_settings
 from rayfin.errors import BrokerError
 from rayfin.stream.probe import kafka_answers
 
@@ -162,15 +162,7 @@ class EmbeddedBroker:
     @property
     def bootstrap_servers(self) -> str:
         """``host:port`` for Kafka clients, as advertised in the broker's metadata."""
-        if self.advertised_host:
-            return f"{self.advertised_host}:{self.port}"
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def _local_address(self) -> tuple[str, int]:
-        # Readiness is probed from this machine, whatever address is advertised.
-        return ("127.0.0.1" if self.host in ("0.0.0.0", "") else self.host), self.port
+        return f"{client_host(self.host, self.advertised_host)}:{self.port}"
 
     # -- pid file ---------------------------------------------------------------------
 
@@ -210,7 +202,7 @@ class EmbeddedBroker:
                 "stopped", self.bootstrap_servers, None, self.log_file, "no broker started"
             )
         address = f"{record.host}:{record.port}"
-        probe_host = "127.0.0.1" if record.host in ("0.0.0.0", "") else record.host
+        probe_host = client_host(record.host)
         if not self._is_our_process(record):
             return BrokerStatus(
                 "stale",
@@ -290,7 +282,8 @@ class EmbeddedBroker:
         return self.status()
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
-        host, port = self._local_address
+        # Readiness is probed from this machine, whatever address is advertised.
+        host, port = client_host(self.host), self.port
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             code = proc.poll()
