@@ -15,12 +15,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from rayfin.config import get_settings
+from rayfin.errors import RayfinError
+
+if TYPE_CHECKING:
+    from rayfin.features.bars import Bar
 
 DEMO_GROUP = "rayfin-demo-bars"
 
@@ -79,7 +84,7 @@ def _ray(console: Console) -> Iterator[None]:
         ray.shutdown()
 
 
-def _bars_frame(bars: list) -> pd.DataFrame:  # list[Bar]
+def _bars_frame(bars: list[Bar]) -> pd.DataFrame:
     frame = pd.DataFrame(
         [
             {
@@ -127,6 +132,11 @@ def run_demo(ticks: int = 100_000, *, console: Console | None = None) -> DemoRep
         report.ticks_sent, report.produce_rate = stats.messages, stats.rate
         console.print(f"replayed {stats.messages:,} real ES ticks at {stats.rate:,.0f} msg/s")
         result = ray.get(consuming)
+        if result["consumed"] < stats.messages:
+            raise RayfinError(
+                f"the consumer read {result['consumed']:,} of {stats.messages:,} ticks before "
+                "its timeout; see the broker log and `ray status`"
+            )
         report.ticks_consumed = int(result["consumed"])
         report.consume_rate = result["consumed"] / max(result["seconds"], 1e-9)
         report.bars = _bars_frame(ray.get(consumer.closed_bars.remote()))

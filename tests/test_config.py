@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from rayfin.config import Settings, get_settings, reload_settings
+from rayfin.config import Settings, reload_settings
 from rayfin.errors import ConfigError
 
 
-def test_defaults_are_derived_from_the_root_dirs(isolated_state: Path) -> None:
-    settings = get_settings()
+def test_defaults_are_derived_from_the_root_dirs(
+    isolated_state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAYFIN_MODELS__CACHE_DIR", raising=False)
+    settings = reload_settings()
     assert settings.state_dir == isolated_state
     assert settings.models.cache_dir == settings.cache_dir / "models"
     assert settings.database.url == f"sqlite:///{isolated_state / 'rayfin.db'}"
