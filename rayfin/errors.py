@@ -20,3 +20,23 @@ class ModelAssetError(RayfinError):
 
 class DatasetError(RayfinError):
     """A bundled dataset is unknown or unreadable."""
+
+
+class LLMError(RayfinError):
+    """The distributed LLM could not serve a request."""
+
+
+class UnsupportedModelError(LLMError, ValueError):
+    """The model's architecture or an option for it is not supported."""
+
+
+class SwarmUnavailableError(LLMError):
+    """No chain of live, permitted servers covers every block of the model."""
+
+
+class CacheFullError(LLMError):
+    """A server's KV cache has no room for a new session."""
+
+
+class SessionError(LLMError):
+    """A session was used wrongly: closed, too long, or unknown to the server."""

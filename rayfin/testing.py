@@ -13,6 +13,49 @@ import pytest
 from rayfin.errors import BrokerError
 from rayfin.stream.broker import EmbeddedBroker, free_port
 
+TINY_VOCAB = 128
+
+
+def tiny_causal_lm(
+    path: Path, *, family: str = "llama", layers: int = 4, seed: int = 0, **overrides: object
+) -> Path:
+    """Save a randomly initialised causal LM of a real architecture, small enough for unit
+    tests, with a word-level tokenizer over its vocabulary (``w0`` .. ``w127``).
+
+    ``family`` is ``llama`` (SmolLM2's architecture), ``qwen2`` or ``qwen3``.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    settings: dict[str, object] = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
+    config = AutoConfig.for_model(family, **(settings | overrides))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        # Random biases, where the family has them, so that tests see them carried over.
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.02)
+    model.save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(TINY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, "w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
+    return path
+
 
 def start_test_broker(state_dir: Path) -> EmbeddedBroker:
     """An embedded broker on a free port; retried because a free port can be taken

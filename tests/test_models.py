@@ -18,36 +18,11 @@ from rayfin.llm import (
     prepare_model,
 )
 from rayfin.llm.assets import MARKER_FILE, gguf_path
-
-
-def _tiny_llama(path: Path) -> Path:
-    """A randomly initialised model of SmolLM2's architecture, small enough for unit tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    # A folder needs a tokenizer to load; a word-level one over the tiny vocabulary will do.
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, "[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-    return path
+from rayfin.testing import tiny_causal_lm
 
 
 def test_load_from_a_local_folder(tmp_path: Path) -> None:
-    folder = _tiny_llama(tmp_path / "tiny")
+    folder = tiny_causal_lm(tmp_path / "tiny", layers=2)
     model, tokenizer = load_local_model(folder)
     assert model.config.num_hidden_layers == 2
     assert not model.training
@@ -56,7 +31,7 @@ def test_load_from_a_local_folder(tmp_path: Path) -> None:
 
 
 def test_dtype_by_name(tmp_path: Path) -> None:
-    model, _ = load_local_model(_tiny_llama(tmp_path / "tiny"), dtype="bfloat16")
+    model, _ = load_local_model(tiny_causal_lm(tmp_path / "tiny", layers=2), dtype="bfloat16")
     assert model.dtype == torch.bfloat16
     with pytest.raises(ModelAssetError, match="unknown dtype"):
         load_local_model(tmp_path / "tiny", dtype="float13")

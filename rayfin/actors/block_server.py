@@ -1,0 +1,378 @@
+"""``BlockServer``: a Ray actor that serves a contiguous range of a causal LM's blocks.
+
+It is an async actor: requests arrive on the event loop while compute runs on one worker
+thread, so decode steps that arrive while a batch is computing queue up and run together
+as the next batched forward. A lone session pays no batching delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import ray
+import torch
+
+from rayfin.errors import SessionError
+from rayfin.llm.blocks import BlockSpan, CacheSlot
+from rayfin.llm.checkpoint import load_blocks, load_config, model_shape
+from rayfin.llm.compression import WireTensor, check_compression, decode, encode
+from rayfin.llm.kv_cache import KVCacheManager, SessionCache
+from rayfin.llm.loading import resolve_model_path
+from rayfin.llm.quantization import check_quantization, parameter_bytes, quantize_linears
+from rayfin.llm.server_info import ServerConfig, ServerInfo, ServerRecord
+
+# Weight of the newest sample in the per-block latency estimate clients route by.
+_LATENCY_EMA = 0.2
+# How often a server re-announces itself to its swarm's registry.
+_HEARTBEAT_S = 5.0
+
+
+@dataclass(slots=True)
+class _Step:
+    cache: SessionCache
+    hidden: torch.Tensor
+    position: int
+    future: asyncio.Future[torch.Tensor]
+
+
+def _dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+    return value
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class BlockServer:
+    """Blocks ``[config.start, config.end)`` of ``config.model``, with per-session KV caches."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        check_quantization(config.quantization)
+        check_compression(config.compression)
+        self.started = time.monotonic()
+        if config.device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            config = replace(config, device=device)
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+        elif config.threads:
+            torch.set_num_threads(config.threads)
+        self.dtype = _dtype(config.dtype)
+
+        path = resolve_model_path(config.model)
+        hf_config = load_config(path)
+        self.shape = model_shape(hf_config)
+        layers, rotary = load_blocks(path, hf_config, config.start, config.end, self.dtype)
+        quantize_linears(
+            layers, config.quantization, device=self.device, compute_dtype=self.dtype
+        )
+        self.span = BlockSpan(layers, rotary.to(self.device), config.start)
+        self.weight_bytes = parameter_bytes(layers)
+        self.caches = KVCacheManager(
+            config.cache_bytes,
+            num_kv_heads=self.shape.num_kv_heads,
+            head_dim=self.shape.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        # One compute thread: torch parallelises inside an op, and serial batches keep
+        # each session's steps in order.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocks")
+        self._queue: list[_Step] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self.requests = 0
+        self.batches = 0
+        self.largest_batch = 0
+        self.tokens = 0
+        self.busy_s = 0.0
+        self.block_latency_s = self._measure_block_latency()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        from rayfin.llm.swarm import find_registry
+
+        self._registry = find_registry(config.swarm)
+        self._handle = ray.get_runtime_context().current_actor
+        self._register()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _record(self) -> ServerRecord:
+        return ServerRecord(
+            server_id=self.config.server_id,
+            handle=self._handle,
+            start=self.config.start,
+            end=self.config.end,
+            node_id=self.node_id,
+            device=str(self.device),
+        )
+
+    def _register(self) -> None:
+        # Fire and forget, never blocking the event loop: a restarted server re-registers
+        # under the same id, and a missing registry (a server outside any swarm) is fine.
+        if self._registry is not None:
+            self._registry.register.remote(self._record())
+
+    def _measure_block_latency(self) -> float:
+        """Time one decode step through the blocks: a first routing estimate and a warm-up."""
+        hidden = torch.zeros(1, 1, self.shape.hidden_size, dtype=self.dtype, device=self.device)
+        positions = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        timings = []
+        with torch.no_grad():
+            for _ in range(6):
+                begin = time.perf_counter()
+                self.span.forward(hidden, positions)
+                timings.append(time.perf_counter() - begin)
+        # The best of a few runs: start-up contends with neighbours loading their weights.
+        return min(timings[1:]) / self.config.num_blocks
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    async def _reap_idle(self) -> None:
+        interval = max(0.05, min(_HEARTBEAT_S, self.config.idle_timeout_s / 4))
+        last_beat = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            self.caches.expire_idle(self.config.idle_timeout_s)
+            if time.monotonic() - last_beat >= _HEARTBEAT_S:
+                # Re-registering is idempotent; it brings back a server the registry
+                # dropped while it was unreachable, and refills a restarted registry.
+                self._register()
+                last_beat = time.monotonic()
+
+    async def ready(self) -> ServerInfo:
+        """Returns once the weights are loaded; the launcher waits on it."""
+        self._ensure_reaper()
+        return await self.info()
+
+    async def info(self) -> ServerInfo:
+        """Configuration, memory use, throughput and free cache."""
+        self._ensure_reaper()
+        c = self.config
+        return ServerInfo(
+            server_id=c.server_id,
+            swarm=c.swarm,
+            model=c.model,
+            start=c.start,
+            end=c.end,
+            node_id=self.node_id,
+            device=str(self.device),
+            dtype=c.dtype,
+            quantization=c.quantization,
+            compression=c.compression,
+            weight_bytes=self.weight_bytes,
+            cache_capacity_bytes=self.caches.capacity_bytes,
+            cache_used_bytes=self.caches.used_bytes,
+            rss_bytes=_rss_bytes(),
+            sessions=self.caches.num_sessions,
+            queued=len(self._queue),
+            requests=self.requests,
+            tokens=self.tokens,
+            busy_s=self.busy_s,
+            block_latency_s=self.block_latency_s,
+            uptime_s=time.monotonic() - self.started,
+            extra={
+                "pid": os.getpid(),
+                "batches": self.batches,
+                "largest_batch": self.largest_batch,
+                "threads": torch.get_num_threads(),
+            },
+        )
+
+    async def leave(self) -> None:
+        """Deregister from the swarm, then exit: clients route around this server."""
+        if self._registry is not None:
+            with contextlib.suppress(ray.exceptions.RayError):
+                await self._registry.deregister.remote(self.config.server_id)
+        ray.actor.exit_actor()
+
+    # -- sessions --------------------------------------------------------------------
+
+    def _check_range(self, start: int, end: int) -> None:
+        if not self.config.start <= start < end <= self.config.end:
+            raise SessionError(
+                f"blocks [{start}, {end}) are not all on server {self.config.server_id} "
+                f"(it holds [{self.config.start}, {self.config.end}))"
+            )
+
+    async def open(
+        self,
+        session_id: str,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        wait_s: float | None = None,
+    ) -> None:
+        """Reserve a KV cache for blocks ``[start, end)`` of a new session."""
+        self._ensure_reaper()
+        self._check_range(start, end)
+        if max_length > self.shape.max_length:
+            raise SessionError(
+                f"max_length {max_length} exceeds the model's {self.shape.max_length} positions"
+            )
+        await self.caches.allocate(
+            session_id,
+            first=start,
+            num_layers=end - start,
+            batch_size=batch_size,
+            max_length=max_length,
+            wait_s=wait_s,
+        )
+
+    async def close(self, session_id: str) -> bool:
+        """Free a session's cache; closing twice is harmless."""
+        return self.caches.free(session_id)
+
+    def _take(self, session_id: str, wire: WireTensor, position: int) -> tuple[SessionCache, torch.Tensor]:
+        cache = self.caches.get(session_id)
+        hidden = decode(wire, self.device)
+        batch, length = hidden.shape[0], hidden.shape[1]
+        if position != cache.length:
+            raise SessionError(
+                f"session {session_id} is at position {cache.length} on this server, "
+                f"the client sent position {position}"
+            )
+        if batch != cache.batch_size:
+            raise SessionError(f"session {session_id} has batch {cache.batch_size}, got {batch}")
+        if position + length > cache.max_length:
+            raise SessionError(
+                f"session {session_id} would reach {position + length} tokens, past its "
+                f"max_length {cache.max_length}"
+            )
+        return cache, hidden
+
+    async def step(self, session_id: str, wire: WireTensor, position: int) -> WireTensor:
+        """Run the session's blocks on new hidden states, appending to its cache."""
+        cache, hidden = self._take(session_id, wire, position)
+        return encode(await self._submit(cache, hidden, position), self.config.compression)
+
+    async def replay(self, session_id: str, wires: list[WireTensor]) -> list[WireTensor]:
+        """Rebuild a session's cache from every input it has had; return each chunk's output.
+
+        Used when a client fails over to this server, or comes back after its session here
+        expired. The chunks run as one prefill from position 0.
+        """
+        cache = self.caches.get(session_id)
+        chunks = [decode(wire, self.device) for wire in wires]
+        hidden = torch.cat(chunks, dim=1)
+        if hidden.shape[1] > cache.max_length:
+            raise SessionError(f"history of {hidden.shape[1]} tokens exceeds the session's max_length")
+        cache.length = 0
+        out = await self._submit(cache, hidden, 0)
+        sizes = [chunk.shape[1] for chunk in chunks]
+        return [encode(part, self.config.compression) for part in out.split(sizes, dim=1)]
+
+    async def _submit(self, cache: SessionCache, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Step(cache, hidden, position, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def forward(self, wire: WireTensor, start: int, end: int) -> WireTensor:
+        """A stateless forward through blocks ``[start, end)`` (no cache, full causal mask)."""
+        self._check_range(start, end)
+        hidden = decode(wire, self.device)
+        positions = torch.arange(hidden.shape[1], device=self.device).expand(hidden.shape[0], -1)
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return self._timed(
+                    lambda: self.span.forward(hidden, positions, None, start, end),
+                    hidden.shape[0] * hidden.shape[1],
+                )
+
+        out = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return encode(out, self.config.compression)
+
+    # -- batching --------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Step]:
+        """The oldest request, plus every other single-token step over the same blocks."""
+        first = self._queue.pop(0)
+        batch = [first]
+        if first.hidden.shape[1] != 1:
+            return batch
+        rows = first.hidden.shape[0]
+        keep: list[_Step] = []
+        for item in self._queue:
+            same_blocks = (item.cache.first, item.cache.keys.shape[0]) == (
+                first.cache.first,
+                first.cache.keys.shape[0],
+            )
+            fits = rows + item.hidden.shape[0] <= self.config.max_batch_rows
+            if item.hidden.shape[1] == 1 and same_blocks and fits:
+                batch.append(item)
+                rows += item.hidden.shape[0]
+            else:
+                keep.append(item)
+        self._queue = keep
+        return batch
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            # Let requests delivered in the same instant join this batch.
+            await asyncio.sleep(0)
+            batch = self._next_batch()
+            try:
+                outputs = await loop.run_in_executor(self._pool, self._run_batch, batch)
+            except Exception as exc:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            for item, output in zip(batch, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(output)
+
+    def _timed(self, fn, tokens: int) -> torch.Tensor:  # noqa: ANN001
+        begin = time.perf_counter()
+        out = fn()
+        elapsed = time.perf_counter() - begin
+        self.busy_s += elapsed
+        self.requests += 1
+        self.tokens += tokens
+        return out
+
+    def _run_batch(self, batch: list[_Step]) -> list[torch.Tensor]:
+        slots: list[CacheSlot] = []
+        positions: list[torch.Tensor] = []
+        row = 0
+        for item in batch:
+            rows, length = item.hidden.shape[0], item.hidden.shape[1]
+            slots.append(CacheSlot(slice(row, row + rows), item.cache, item.position))
+            span = torch.arange(item.position, item.position + length, device=self.device)
+            positions.append(span.expand(rows, -1))
+            row += rows
+        hidden = batch[0].hidden if len(batch) == 1 else torch.cat([b.hidden for b in batch])
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        cache = batch[0].cache
+        start, end = cache.first, cache.first + cache.keys.shape[0]
+        begin = time.perf_counter()
+        with torch.no_grad():
+            out = self._timed(
+                lambda: self.span.forward(hidden, torch.cat(positions), slots, start, end),
+                hidden.shape[0] * hidden.shape[1],
+            )
+        if hidden.shape[1] == 1:
+            per_block = (time.perf_counter() - begin) / (end - start)
+            self.block_latency_s += _LATENCY_EMA * (per_block - self.block_latency_s)
+        for item in batch:
+            item.cache.length = item.position + item.hidden.shape[1]
+        return list(out.split([b.hidden.shape[0] for b in batch])) if len(batch) > 1 else [out]

@@ -1,0 +1,278 @@
+"""``DistributedCausalLM``: a causal LM whose blocks run on a swarm of Ray actors.
+
+The client holds the token embeddings, the final norm and the LM head, and sends hidden
+states through a chain of block servers. It offers what a transformers model does for
+inference: ``model(input_ids).logits``, ``generate(...)``, plus explicit sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rayfin.errors import SessionError
+from rayfin.llm.checkpoint import load_client_parts, load_config, model_shape
+from rayfin.llm.generation import SamplingOptions, StopState, TokenSelector
+from rayfin.llm.loading import resolve_model_path
+from rayfin.llm.remote import ClientOptions, RemoteBlocks
+from rayfin.llm.session import BlockSession
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from rayfin.llm.swarm import Swarm
+
+
+@dataclass(frozen=True, slots=True)
+class CausalLMOutput:
+    """What ``model(input_ids)`` returns, shaped like transformers' output."""
+
+    logits: torch.Tensor
+
+
+class InferenceSession:
+    """Token ids in, logits out, one step at a time, with caches kept on the servers."""
+
+    def __init__(self, model: DistributedCausalLM, blocks: BlockSession) -> None:
+        self.model = model
+        self.blocks = blocks
+        # The last token generate() chose but did not feed yet; a continued generate()
+        # feeds it first, so consecutive calls chain like one long generation.
+        self.unfed = torch.zeros(blocks.batch_size, 0, dtype=torch.long)
+
+    @property
+    def position(self) -> int:
+        """Tokens processed so far."""
+        return self.blocks.position
+
+    @property
+    def max_length(self) -> int:
+        return self.blocks.max_length
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, new, vocab]`` for ``input_ids`` ``[batch, new]``."""
+        hidden = self.model.embed(input_ids)
+        return self.model.lm_logits(self.blocks.step(hidden))
+
+    def close(self) -> None:
+        self.blocks.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class DistributedCausalLM:
+    """A causal LM served by the swarm ``swarm``; see :meth:`from_pretrained`."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        embed_tokens: torch.nn.Embedding,
+        norm: torch.nn.Module,
+        lm_head: torch.nn.Linear,
+        remote: RemoteBlocks,
+        *,
+        generation_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.shape = model_shape(config)
+        self.embed_tokens = embed_tokens
+        self.norm = norm
+        self.lm_head = lm_head
+        self.remote = remote
+        self.generation_defaults = generation_defaults or {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        swarm: str | Swarm = "default",
+        dtype: torch.dtype = torch.float32,
+        allowlist: Iterable[str] | None = None,
+        blocklist: Iterable[str] = (),
+        step_timeout_s: float = 60.0,
+        wait_for_servers_s: float = 30.0,
+    ) -> DistributedCausalLM:
+        """Load the client's parts of ``name_or_path`` and attach to the swarm by name.
+
+        ``allowlist`` restricts routing to the named servers; ``blocklist`` excludes
+        servers. A server that does not answer within ``step_timeout_s`` counts as failed.
+        """
+        path = resolve_model_path(name_or_path)
+        config = load_config(path)
+        embed, norm, head = load_client_parts(path, config, dtype)
+        options = ClientOptions(
+            allowlist=None if allowlist is None else frozenset(allowlist),
+            blocklist=frozenset(blocklist),
+            step_timeout_s=step_timeout_s,
+            wait_for_servers_s=wait_for_servers_s,
+        )
+        name = swarm if isinstance(swarm, str) else swarm.name
+        remote = RemoteBlocks(name, config.num_hidden_layers, options)
+        return cls(config, embed, norm, head, remote, generation_defaults=_generation_defaults(path))
+
+    # -- the local parts -----------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.embed_tokens(input_ids)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.lm_head(self.norm(hidden))
+
+    # -- inference -------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """Logits for every position of ``input_ids`` ``[batch, length]`` (no caches kept)."""
+        input_ids = _as_batch(input_ids)
+        _check_unpadded(attention_mask)
+        self._check_length(input_ids.shape[1])
+        hidden = self.remote.forward(self.embed(input_ids))
+        return CausalLMOutput(logits=self.lm_logits(hidden))
+
+    __call__ = forward
+
+    def inference_session(
+        self, max_length: int, *, batch_size: int = 1, wait_for_cache_s: float | None = None
+    ) -> InferenceSession:
+        """Open a session of up to ``max_length`` tokens on a chain of servers.
+
+        When the chosen servers' caches are full this raises :class:`CacheFullError`,
+        or first waits up to ``wait_for_cache_s`` seconds for room.
+        """
+        self._check_length(max_length)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        blocks = BlockSession(
+            self.remote,
+            max_length=max_length,
+            batch_size=batch_size,
+            kv_bytes_per_token_block=self.shape.kv_bytes_per_token(1, element),
+            wait_for_cache_s=wait_for_cache_s,
+        )
+        return InferenceSession(self, blocks)
+
+    def _check_length(self, length: int) -> None:
+        if length > self.shape.max_length:
+            raise SessionError(
+                f"{length} tokens exceed the model's {self.shape.max_length} positions; "
+                "shorten the prompt or max_new_tokens"
+            )
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[int] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        attention_mask: torch.Tensor | None = None,
+        session: InferenceSession | None = None,
+    ) -> torch.Tensor:
+        """Generate like transformers' ``generate``: returns prompt plus new tokens.
+
+        Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and
+        ``top_p``, reproducibly when ``seed`` is given. Rows stop at ``eos_token_id``
+        (default: the model's) or a ``stop_strings`` match (needs ``tokenizer``); finished
+        rows are padded with ``pad_token_id``. With ``session``, generation continues it:
+        ``input_ids`` are only the new tokens (may be empty).
+        """
+        _check_unpadded(attention_mask)
+        ids = _as_batch(input_ids if input_ids is not None else torch.zeros(1, 0, dtype=torch.long))
+        if ids.shape[1] == 0 and (session is None or session.unfed.shape[1] == 0):
+            raise ValueError("generate needs input_ids (or a session it generated with before)")
+        if max_new_tokens is None:
+            max_new_tokens = (
+                max_length - ids.shape[1]
+                if max_length is not None
+                else int(self.generation_defaults.get("max_new_tokens") or 20)
+            )
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+        if eos_token_id is None:
+            eos_token_id = self.generation_defaults.get("eos_token_id")
+        eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+        if pad_token_id is None:
+            pad_token_id = self.generation_defaults.get("pad_token_id")
+        if pad_token_id is None:
+            pad_token_id = min(eos) if eos else 0
+        stops = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
+        selector = TokenSelector(SamplingOptions(do_sample, temperature, top_k, top_p, seed))
+        stop = StopState(eos, stops, tokenizer)
+        stop.start(ids.shape[0])
+
+        own_session = session is None
+        if own_session:
+            session = self.inference_session(ids.shape[1] + max_new_tokens, batch_size=ids.shape[0])
+        elif session.position + session.unfed.shape[1] + ids.shape[1] + max_new_tokens > (
+            session.max_length
+        ):
+            raise SessionError(
+                f"the session has room for {session.max_length - session.position} more "
+                f"tokens; this call needs {session.unfed.shape[1] + ids.shape[1] + max_new_tokens}"
+            )
+        assert session is not None
+        generated = torch.zeros(ids.shape[0], 0, dtype=torch.long)
+        try:
+            pending = torch.cat([session.unfed, ids], dim=1)
+            for _ in range(max_new_tokens):
+                logits = session.step(pending)[:, -1, :]
+                tokens = selector(logits)
+                tokens = torch.where(stop.finished, torch.full_like(tokens, pad_token_id), tokens)
+                generated = torch.cat([generated, tokens[:, None]], dim=1)
+                stop.update(tokens, generated)
+                if stop.all_done:
+                    break
+                pending = tokens[:, None]
+            session.unfed = generated[:, -1:] if generated.shape[1] else pending
+        finally:
+            if own_session:
+                session.close()
+        return torch.cat([ids, generated], dim=1)
+
+
+def _as_batch(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    return ids[None, :] if ids.dim() == 1 else ids
+
+
+def _check_unpadded(attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
+        raise ValueError(
+            "padded batches are not supported: pass prompts of equal length, or one at a time"
+        )
+
+
+def _generation_defaults(path: str) -> dict[str, Any]:
+    """EOS, pad and length defaults from the model's generation config, if it has one."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        return {}
+    return {
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "max_new_tokens": config.max_new_tokens,
+    }
