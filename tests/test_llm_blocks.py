@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def _parts(folder: Path, cuts: list[int]) -> tuple[list[BlockSpan], tuple[torch.
     config = load_config(folder)
     spans = [
         BlockSpan(*load_blocks(folder, config, a, b, torch.float32), a)
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+        for a, b in itertools.pairwise(cuts)
     ]
     return spans, load_client_parts(folder, config, torch.float32)
 
@@ -54,8 +55,9 @@ def test_spans_match_the_local_model(tmp_path: Path, family: str) -> None:
         manager = _manager(folder)
         caches = [
             asyncio.run(
-                manager.allocate(f"s{i}", first=s.first, num_layers=len(s.layers), batch_size=2,
-                                 max_length=16)
+                manager.allocate(
+                    f"s{i}", first=s.first, num_layers=len(s.layers), batch_size=2, max_length=16
+                )
             )
             for i, s in enumerate(spans)
         ]
@@ -85,20 +87,26 @@ def test_batched_decode_equals_sessions_alone(tmp_path: Path) -> None:
             cache = asyncio.run(
                 manager.allocate(f"{tag}{i}", first=0, num_layers=4, batch_size=1, max_length=16)
             )
-            span.forward(embed(ids), torch.arange(ids.shape[1])[None],
-                         [CacheSlot(slice(None), cache, 0)])
+            span.forward(
+                embed(ids), torch.arange(ids.shape[1])[None], [CacheSlot(slice(None), cache, 0)]
+            )
             caches.append(cache)
         return caches
 
     with torch.no_grad():
         alone = [
-            span.forward(embed(nxt[i : i + 1]), torch.tensor([[p.shape[1]]]),
-                         [CacheSlot(slice(None), c, p.shape[1])])
+            span.forward(
+                embed(nxt[i : i + 1]),
+                torch.tensor([[p.shape[1]]]),
+                [CacheSlot(slice(None), c, p.shape[1])],
+            )
             for i, (p, c) in enumerate(zip(prompts, prefill("a"), strict=True))
         ]
         caches = prefill("b")
-        slots = [CacheSlot(slice(i, i + 1), c, p.shape[1])
-                 for i, (p, c) in enumerate(zip(prompts, caches, strict=True))]
+        slots = [
+            CacheSlot(slice(i, i + 1), c, p.shape[1])
+            for i, (p, c) in enumerate(zip(prompts, caches, strict=True))
+        ]
         positions = torch.tensor([[p.shape[1]] for p in prompts])
         together = span.forward(embed(nxt), positions, slots)
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
@@ -126,11 +134,12 @@ def test_cache_cap_wait_and_expiry(tmp_path: Path) -> None:
         await manager.allocate("a", first=0, num_layers=4, batch_size=1, max_length=32)
         await manager.allocate("b", first=0, num_layers=4, batch_size=1, max_length=32)
         assert manager.free_bytes == 0
-        with pytest.raises(CacheFullError, match="KV cache full.*2 sessions open"):
+        with pytest.raises(CacheFullError, match=r"KV cache full.*2 sessions open"):
             await manager.allocate("c", first=0, num_layers=4, batch_size=1, max_length=32)
-        with pytest.raises(CacheFullError, match="after waiting 0.1 s"):
-            await manager.allocate("c", first=0, num_layers=4, batch_size=1, max_length=32,
-                                   wait_s=0.1)
+        with pytest.raises(CacheFullError, match=r"after waiting 0\.1 s"):
+            await manager.allocate(
+                "c", first=0, num_layers=4, batch_size=1, max_length=32, wait_s=0.1
+            )
         # A waiting session gets in as soon as another closes.
         asyncio.get_running_loop().call_later(0.05, manager.free, "a")
         await manager.allocate("c", first=0, num_layers=4, batch_size=1, max_length=32, wait_s=5)

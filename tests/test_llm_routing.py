@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -12,15 +13,22 @@ from rayfin.llm.swarm import stage_bounds
 
 
 def _c(sid: str, start: int, end: int, **kw: float) -> Candidate:
-    return Candidate(sid, start, end, ping_s=kw.pop("ping_s", 0.001),
-                     block_latency_s=kw.pop("block_latency_s", 0.001), **kw)  # type: ignore[arg-type]
+    return Candidate(
+        sid,
+        start,
+        end,
+        ping_s=kw.pop("ping_s", 0.001),
+        block_latency_s=kw.pop("block_latency_s", 0.001),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def test_chain_covers_with_mixed_boundaries() -> None:
     servers = [_c("a", 0, 4), _c("b", 2, 8), _c("c", 6, 10)]
     chain = find_chain(servers, 0, 10, rng=random.Random(0))
-    assert chain[0].start == 0 and chain[-1].end == 10
-    assert all(x.end == y.start for x, y in zip(chain, chain[1:], strict=False))
+    assert chain[0].start == 0
+    assert chain[-1].end == 10
+    assert all(x.end == y.start for x, y in itertools.pairwise(chain))
     assert [s.server_id for s in chain] == ["a", "b", "c"]
 
 
@@ -44,10 +52,16 @@ def test_load_spreads_sessions_over_replicas() -> None:
 
 def test_allowlist_blocklist_and_exclusion() -> None:
     servers = [_c("trusted", 0, 4, block_latency_s=0.1), _c("fast", 0, 4)]
-    assert find_chain(servers, 0, 4, policy=RoutingPolicy.of(allowlist=["trusted"]))[0].server_id == "trusted"
-    assert find_chain(servers, 0, 4, policy=RoutingPolicy.of(blocklist=["fast"]))[0].server_id == "trusted"
+    assert (
+        find_chain(servers, 0, 4, policy=RoutingPolicy.of(allowlist=["trusted"]))[0].server_id
+        == "trusted"
+    )
+    assert (
+        find_chain(servers, 0, 4, policy=RoutingPolicy.of(blocklist=["fast"]))[0].server_id
+        == "trusted"
+    )
     assert find_chain(servers, 0, 4, exclude={"fast"})[0].server_id == "trusted"
-    with pytest.raises(SwarmUnavailableError, match="no permitted live server .* holds block 0"):
+    with pytest.raises(SwarmUnavailableError, match=r"no permitted live server .* holds block 0"):
         find_chain(servers, 0, 4, policy=RoutingPolicy.of(allowlist=["nobody"]))
 
 

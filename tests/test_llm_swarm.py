@@ -53,18 +53,18 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _record(swarm: Swarm, server_id: str):  # noqa: ANN202
+def _record(swarm: Swarm, server_id: str):
     return next(r for r in swarm.servers() if r.server_id == server_id)
 
 
-def test_remote_logits_match_the_local_model(client: DistributedCausalLM, local) -> None:  # noqa: ANN001
+def test_remote_logits_match_the_local_model(client: DistributedCausalLM, local) -> None:
     ids = _ids(2, 20)
     with torch.no_grad():
         expected = local(ids).logits
     torch.testing.assert_close(client(ids).logits, expected, atol=1e-3, rtol=0)
 
 
-def test_session_steps_equal_a_full_forward(client: DistributedCausalLM, local) -> None:  # noqa: ANN001
+def test_session_steps_equal_a_full_forward(client: DistributedCausalLM, local) -> None:
     ids = _ids(1, 16, seed=1)
     with torch.no_grad():
         expected = local(ids).logits
@@ -75,7 +75,7 @@ def test_session_steps_equal_a_full_forward(client: DistributedCausalLM, local) 
     torch.testing.assert_close(torch.cat(chunks, dim=1), expected, atol=1e-3, rtol=0)
 
 
-def test_greedy_generation_equals_transformers(client: DistributedCausalLM, local) -> None:  # noqa: ANN001
+def test_greedy_generation_equals_transformers(client: DistributedCausalLM, local) -> None:
     ids = _ids(2, 6, seed=2)
     expected = local.generate(ids, max_new_tokens=32, do_sample=False)
     got = client.generate(ids, max_new_tokens=32, eos_token_id=[])
@@ -84,25 +84,32 @@ def test_greedy_generation_equals_transformers(client: DistributedCausalLM, loca
 
 def test_sampling_is_seeded_and_stops_where_asked(client: DistributedCausalLM, tiny: Path) -> None:
     ids = _ids(1, 4, seed=3)
-    first = client.generate(ids, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, seed=7,
-                            eos_token_id=[])
-    again = client.generate(ids, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, seed=7,
-                            eos_token_id=[])
+    first = client.generate(
+        ids, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=[]
+    )
+    again = client.generate(
+        ids, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=[]
+    )
     other = client.generate(ids, max_new_tokens=12, do_sample=True, seed=8, eos_token_id=[])
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
 
     greedy = client.generate(ids, max_new_tokens=12, eos_token_id=[])
     stop_at = int(greedy[0, 7])  # the fourth new token
     stopped = client.generate(ids, max_new_tokens=12, eos_token_id=stop_at)
-    assert stopped.shape[1] <= 8 and int(stopped[0, -1]) == stop_at
+    assert stopped.shape[1] <= 8
+    assert int(stopped[0, -1]) == stop_at
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     word = tokenizer.decode(greedy[0, 6:7])
-    by_string = client.generate(ids, max_new_tokens=12, eos_token_id=[], stop_strings=word,
-                                tokenizer=tokenizer)
+    by_string = client.generate(
+        ids, max_new_tokens=12, eos_token_id=[], stop_strings=word, tokenizer=tokenizer
+    )
     new = greedy[0, 4:]
     first_match = next(
-        k for k in range(1, len(new) + 1) if word in tokenizer.decode(new[:k], skip_special_tokens=True)
+        k
+        for k in range(1, len(new) + 1)
+        if word in tokenizer.decode(new[:k], skip_special_tokens=True)
     )
     assert first_match <= 3
     assert torch.equal(by_string, greedy[:, : 4 + first_match])
@@ -160,8 +167,9 @@ def test_concurrent_sessions_are_batched_and_spread(
     def run(i: int) -> None:
         with client.inference_session(max_length=24) as session:
             chains[i] = [s.server_id for s in session.blocks.chain]
-            results[i] = client.generate(prompts[i], max_new_tokens=16, eos_token_id=[],
-                                         session=session)
+            results[i] = client.generate(
+                prompts[i], max_new_tokens=16, eos_token_id=[], session=session
+            )
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
@@ -190,21 +198,32 @@ def test_cache_full_is_a_clear_error_or_a_wait(ray_local: None, tiny: Path) -> N
         with client.inference_session(max_length=48, wait_for_cache_s=20) as second:
             second.step(_ids(1, 4))
         info = swarm.status()[0]
-        assert info is not None and info.cache_used_bytes == 0 and info.sessions == 0
+        assert info is not None
+        assert info.cache_used_bytes == 0
+        assert info.sessions == 0
     finally:
         swarm.shutdown()
 
 
-@pytest.fixture()
+@pytest.fixture
 def fragile(ray_local: None, tiny: Path) -> Iterator[Swarm]:
     """A swarm for tests that break servers."""
-    swarm = launch_swarm(str(tiny), name="t-fragile", num_stages=2, replicas=2, num_cpus=CPUS,
-                         max_restarts=1, idle_timeout_s=1.0)
+    swarm = launch_swarm(
+        str(tiny),
+        name="t-fragile",
+        num_stages=2,
+        replicas=2,
+        num_cpus=CPUS,
+        max_restarts=1,
+        idle_timeout_s=1.0,
+    )
     yield swarm
     swarm.shutdown()
 
 
-def _generate_with(client: DistributedCausalLM, prompt: torch.Tensor, n: int, fault) -> torch.Tensor:  # noqa: ANN001
+def _generate_with(
+    client: DistributedCausalLM, prompt: torch.Tensor, n: int, fault
+) -> torch.Tensor:
     """Greedy generation that calls ``fault(session)`` halfway through."""
     with client.inference_session(max_length=prompt.shape[1] + n) as session:
         first = client.generate(prompt, max_new_tokens=n // 2, eos_token_id=[], session=session)
@@ -218,14 +237,14 @@ def test_failover_keeps_tokens_identical(fragile: Swarm, tiny: Path) -> None:
     prompt = _ids(1, 6, seed=20)
     expected = client.generate(prompt, max_new_tokens=24, eos_token_id=[])
 
-    def kill(session) -> None:  # noqa: ANN001
+    def kill(session) -> None:
         victim = session.blocks.chain[1].server_id
         ray.kill(_record(fragile, victim).handle)  # no restart: the replica takes over
 
     got = _generate_with(client, prompt, 24, kill)
     assert torch.equal(got, expected)
 
-    def freeze(session) -> None:  # noqa: ANN001
+    def freeze(session) -> None:
         victim = session.blocks.chain[0].server_id
         pid = next(i for i in fragile.status() if i and i.server_id == victim).extra["pid"]
         os.kill(pid, signal.SIGSTOP)  # a hung server: the client must time out, not hang
@@ -235,7 +254,7 @@ def test_failover_keeps_tokens_identical(fragile: Swarm, tiny: Path) -> None:
     assert torch.equal(_generate_with(client, prompt, 24, freeze), expected)
     assert time.monotonic() - begin < 8
 
-    def expire(session) -> None:  # noqa: ANN001
+    def expire(session) -> None:
         time.sleep(2.5)  # idle_timeout_s=1: the servers drop the session's caches
 
     assert torch.equal(_generate_with(client, prompt, 24, expire), expected)
@@ -246,7 +265,7 @@ def test_a_restarted_server_is_replayed_onto(fragile: Swarm, tiny: Path) -> None
     prompt = _ids(1, 6, seed=21)
     expected = client.generate(prompt, max_new_tokens=16, eos_token_id=[])
 
-    def kill_stage(session) -> None:  # noqa: ANN001
+    def kill_stage(session) -> None:
         first = session.blocks.chain[1]
         for record in fragile.servers():
             if (record.start, record.end) == (first.start, first.end):
@@ -264,7 +283,7 @@ def test_servers_join_and_leave_while_clients_run(fragile: Swarm, tiny: Path) ->
     expected = client.generate(prompt, max_new_tokens=16, eos_token_id=[])
     joined: list[str] = []
 
-    def reshape(session) -> None:  # noqa: ANN001
+    def reshape(session) -> None:
         # A server for every block joins, then all the original servers leave.
         joined.append(fragile.add_server(0, 4, num_cpus=CPUS))
         for record in fragile.servers():
@@ -277,9 +296,10 @@ def test_servers_join_and_leave_while_clients_run(fragile: Swarm, tiny: Path) ->
         assert [s.server_id for s in session.blocks.chain] == joined
 
 
-def test_compression_is_close_but_not_exact(ray_local: None, tiny: Path, local) -> None:  # noqa: ANN001
-    swarm = launch_swarm(str(tiny), name="t-c8", num_stages=2, compression="blockwise8",
-                         num_cpus=CPUS)
+def test_compression_is_close_but_not_exact(ray_local: None, tiny: Path, local) -> None:
+    swarm = launch_swarm(
+        str(tiny), name="t-c8", num_stages=2, compression="blockwise8", num_cpus=CPUS
+    )
     try:
         client = DistributedCausalLM.from_pretrained(tiny, swarm=swarm)
         ids = _ids(2, 16, seed=4)
@@ -297,20 +317,26 @@ def test_compression_is_close_but_not_exact(ray_local: None, tiny: Path, local) 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_quantized_weights_run_and_use_less_memory(
-    ray_local: None, swarm: Swarm, tiny: Path, local, method: str  # noqa: ANN001
+    ray_local: None,
+    swarm: Swarm,
+    tiny: Path,
+    local,
+    method: str,
 ) -> None:
     quantized = launch_swarm(str(tiny), name=f"t-{method}", quantization=method, num_cpus=CPUS)
     try:
         fp32_bytes = sum(i.weight_bytes for i in swarm.status()) / 2  # two replicas
         (info,) = quantized.status()
-        assert info is not None and info.quantization == method
+        assert info is not None
+        assert info.quantization == method
         assert info.weight_bytes < 0.5 * fp32_bytes
         client = DistributedCausalLM.from_pretrained(tiny, swarm=quantized)
         ids = _ids(1, 12, seed=5)
         with torch.no_grad():
             expected = local(ids).logits
         got = client(ids).logits
-        assert got.shape == expected.shape and torch.isfinite(got).all()
+        assert got.shape == expected.shape
+        assert torch.isfinite(got).all()
         # Quantization error, not noise: the outputs still track the fp32 model.
         assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.9
     finally:

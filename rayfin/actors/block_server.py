@@ -30,6 +30,8 @@ from rayfin.llm.server_info import ServerConfig, ServerInfo, ServerRecord
 _LATENCY_EMA = 0.2
 # How often a server re-announces itself to its swarm's registry.
 _HEARTBEAT_S = 5.0
+# A session that stepped this recently is expected back soon: worth holding a batch for.
+_ACTIVE_WITHIN_S = 0.5
 
 
 @dataclass(slots=True)
@@ -75,9 +77,7 @@ class BlockServer:
         hf_config = load_config(path)
         self.shape = model_shape(hf_config)
         layers, rotary = load_blocks(path, hf_config, config.start, config.end, self.dtype)
-        quantize_linears(
-            layers, config.quantization, device=self.device, compute_dtype=self.dtype
-        )
+        quantize_linears(layers, config.quantization, device=self.device, compute_dtype=self.dtype)
         self.span = BlockSpan(layers, rotary.to(self.device), config.start)
         self.weight_bytes = parameter_bytes(layers)
         self.caches = KVCacheManager(
@@ -92,6 +92,7 @@ class BlockServer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocks")
         self._queue: list[_Step] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         self.requests = 0
         self.batches = 0
@@ -237,7 +238,9 @@ class BlockServer:
         """Free a session's cache; closing twice is harmless."""
         return self.caches.free(session_id)
 
-    def _take(self, session_id: str, wire: WireTensor, position: int) -> tuple[SessionCache, torch.Tensor]:
+    def _take(
+        self, session_id: str, wire: WireTensor, position: int
+    ) -> tuple[SessionCache, torch.Tensor]:
         cache = self.caches.get(session_id)
         hidden = decode(wire, self.device)
         batch, length = hidden.shape[0], hidden.shape[1]
@@ -264,21 +267,29 @@ class BlockServer:
         """Rebuild a session's cache from every input it has had; return each chunk's output.
 
         Used when a client fails over to this server, or comes back after its session here
-        expired. The chunks run as one prefill from position 0.
+        expired. Chunks run one by one, as they were first sent: the same shapes give the
+        same floating-point results, so the rebuilt cache is the one the lost server had
+        and generation continues with identical tokens. (One prefill over the whole
+        history would be faster, but can flip a near-tie.)
         """
         cache = self.caches.get(session_id)
         chunks = [decode(wire, self.device) for wire in wires]
-        hidden = torch.cat(chunks, dim=1)
-        if hidden.shape[1] > cache.max_length:
-            raise SessionError(f"history of {hidden.shape[1]} tokens exceeds the session's max_length")
+        total = sum(chunk.shape[1] for chunk in chunks)
+        if total > cache.max_length:
+            raise SessionError(f"history of {total} tokens exceeds the session's max_length")
         cache.length = 0
-        out = await self._submit(cache, hidden, 0)
-        sizes = [chunk.shape[1] for chunk in chunks]
-        return [encode(part, self.config.compression) for part in out.split(sizes, dim=1)]
+        outputs = []
+        for chunk in chunks:
+            out = await self._submit(cache, chunk, cache.length)
+            outputs.append(encode(out, self.config.compression))
+        return outputs
 
-    async def _submit(self, cache: SessionCache, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def _submit(
+        self, cache: SessionCache, hidden: torch.Tensor, position: int
+    ) -> torch.Tensor:
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._queue.append(_Step(cache, hidden, position, future))
+        self._arrived.set()
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return await future
@@ -290,11 +301,11 @@ class BlockServer:
         positions = torch.arange(hidden.shape[1], device=self.device).expand(hidden.shape[0], -1)
 
         def run() -> torch.Tensor:
+            begin = time.perf_counter()
             with torch.no_grad():
-                return self._timed(
-                    lambda: self.span.forward(hidden, positions, None, start, end),
-                    hidden.shape[0] * hidden.shape[1],
-                )
+                out = self.span.forward(hidden, positions, None, start, end)
+            self._account(1, hidden.shape[0] * hidden.shape[1], time.perf_counter() - begin)
+            return out
 
         out = await asyncio.get_running_loop().run_in_executor(self._pool, run)
         return encode(out, self.config.compression)
@@ -323,31 +334,57 @@ class BlockServer:
         self._queue = keep
         return batch
 
+    async def _gather(self) -> None:
+        """Hold a decode batch briefly while other recently active sessions are still due.
+
+        Without this, sessions drift out of step across the pipeline and each forward
+        carries one or two rows: the weights are read once per row instead of once per
+        batch. The wait is bounded by ``batch_wait_s`` and skipped for a lone session.
+        """
+        if self.config.batch_wait_s <= 0 or self._queue[0].hidden.shape[1] != 1:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.batch_wait_s
+        while True:
+            queued = {id(item.cache) for item in self._queue if item.hidden.shape[1] == 1}
+            if len(queued) >= self.caches.active_sessions(_ACTIVE_WITHIN_S):
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
-            # Let requests delivered in the same instant join this batch.
-            await asyncio.sleep(0)
-            batch = self._next_batch()
+            batch: list[_Step] = []
             try:
+                # Let requests delivered in the same instant join this batch.
+                await asyncio.sleep(0)
+                await self._gather()
+                batch = self._next_batch()
                 outputs = await loop.run_in_executor(self._pool, self._run_batch, batch)
             except Exception as exc:
-                for item in batch:
+                # Fail the requests, never the loop: a dead drain task would leave every
+                # later request waiting forever.
+                for item in batch or list(self._queue):
                     if not item.future.done():
                         item.future.set_exception(exc)
+                if not batch:
+                    self._queue.clear()
                 continue
             for item, output in zip(batch, outputs, strict=True):
                 if not item.future.done():
                     item.future.set_result(output)
 
-    def _timed(self, fn, tokens: int) -> torch.Tensor:  # noqa: ANN001
-        begin = time.perf_counter()
-        out = fn()
-        elapsed = time.perf_counter() - begin
-        self.busy_s += elapsed
-        self.requests += 1
+    def _account(self, requests: int, tokens: int, elapsed: float) -> None:
+        self.requests += requests
         self.tokens += tokens
-        return out
+        self.busy_s += elapsed
 
     def _run_batch(self, batch: list[_Step]) -> list[torch.Tensor]:
         slots: list[CacheSlot] = []
@@ -366,12 +403,11 @@ class BlockServer:
         start, end = cache.first, cache.first + cache.keys.shape[0]
         begin = time.perf_counter()
         with torch.no_grad():
-            out = self._timed(
-                lambda: self.span.forward(hidden, torch.cat(positions), slots, start, end),
-                hidden.shape[0] * hidden.shape[1],
-            )
+            out = self.span.forward(hidden, torch.cat(positions), slots, start, end)
+        elapsed = time.perf_counter() - begin
+        self._account(len(batch), hidden.shape[0] * hidden.shape[1], elapsed)
         if hidden.shape[1] == 1:
-            per_block = (time.perf_counter() - begin) / (end - start)
+            per_block = elapsed / (end - start)
             self.block_latency_s += _LATENCY_EMA * (per_block - self.block_latency_s)
         for item in batch:
             item.cache.length = item.position + item.hidden.shape[1]

@@ -7,7 +7,8 @@ inference: ``model(input_ids).logits``, ``generate(...)``, plus explicit session
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,68 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
     from rayfin.llm.swarm import Swarm
+
+
+class _Slot:
+    __slots__ = ("done", "error", "inputs", "lead", "result")
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        self.inputs = inputs
+        self.result: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.lead = False
+        self.done = threading.Event()
+
+
+class _RowCombiner:
+    """Runs a row-wise function once over the rows of all threads calling at the same time.
+
+    The LM head reads its whole weight matrix (113 MB for SmolLM2 in fp32) for one row or
+    for many, so concurrent sessions in one client share that read. Whoever arrives while a
+    batch computes joins the next one; a lone caller pays nothing extra.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._pending: list[_Slot] = []
+        self._busy = False
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        slot = _Slot(rows)
+        with self._lock:
+            self._pending.append(slot)
+            slot.lead = not self._busy
+            self._busy = True
+        if not slot.lead:
+            slot.done.wait()
+        if slot.lead:
+            self._run_batch()
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    def _run_batch(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        try:
+            inputs = [s.inputs for s in batch]
+            out = self.fn(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
+            for s, part in zip(batch, out.split([len(i) for i in inputs]), strict=True):
+                s.result = part
+        except BaseException as exc:
+            for s in batch:
+                s.error = exc
+        with self._lock:
+            if self._pending:  # hand the lead to the first waiter of the next batch
+                self._pending[0].lead = True
+                self._pending[0].done.set()
+            else:
+                self._busy = False
+        for s in batch:
+            s.lead = False
+            s.done.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +151,7 @@ class DistributedCausalLM:
         self.lm_head = lm_head
         self.remote = remote
         self.generation_defaults = generation_defaults or {}
+        self._head = _RowCombiner(self._head_rows)
 
     @classmethod
     def from_pretrained(
@@ -117,7 +181,9 @@ class DistributedCausalLM:
         )
         name = swarm if isinstance(swarm, str) else swarm.name
         remote = RemoteBlocks(name, config.num_hidden_layers, options)
-        return cls(config, embed, norm, head, remote, generation_defaults=_generation_defaults(path))
+        return cls(
+            config, embed, norm, head, remote, generation_defaults=_generation_defaults(path)
+        )
 
     # -- the local parts -----------------------------------------------------------------
 
@@ -130,12 +196,19 @@ class DistributedCausalLM:
             return self.embed_tokens(input_ids)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head; rows from concurrent sessions are computed together."""
+        rows = self._head(hidden.reshape(-1, hidden.shape[-1]))
+        return rows.reshape(*hidden.shape[:-1], -1)
+
+    def _head_rows(self, rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.lm_head(self.norm(hidden))
+            return self.lm_head(self.norm(rows))
 
     # -- inference -------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> CausalLMOutput:
         """Logits for every position of ``input_ids`` ``[batch, length]`` (no caches kept)."""
         input_ids = _as_batch(input_ids)
         _check_unpadded(attention_mask)
@@ -224,13 +297,14 @@ class DistributedCausalLM:
         own_session = session is None
         if own_session:
             session = self.inference_session(ids.shape[1] + max_new_tokens, batch_size=ids.shape[0])
-        elif session.position + session.unfed.shape[1] + ids.shape[1] + max_new_tokens > (
-            session.max_length
-        ):
-            raise SessionError(
-                f"the session has room for {session.max_length - session.position} more "
-                f"tokens; this call needs {session.unfed.shape[1] + ids.shape[1] + max_new_tokens}"
-            )
+        else:
+            # The last token chosen is not fed to the servers, so it needs no room.
+            needed = session.unfed.shape[1] + ids.shape[1] + max_new_tokens - 1
+            if session.position + needed > session.max_length:
+                raise SessionError(
+                    f"the session has room for {session.max_length - session.position} more "
+                    f"tokens; this call needs {needed}"
+                )
         assert session is not None
         generated = torch.zeros(ids.shape[0], 0, dtype=torch.long)
         try:

@@ -85,7 +85,8 @@ class KVCacheManager:
     def bytes_for(self, num_layers: int, batch_size: int, max_length: int) -> int:
         """Bytes a session of this shape reserves."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * num_layers * batch_size * self.num_kv_heads * max_length * self.head_dim * element
+        per_token = 2 * num_layers * self.num_kv_heads * self.head_dim * element
+        return per_token * batch_size * max_length
 
     async def allocate(
         self,
@@ -116,7 +117,7 @@ class KVCacheManager:
                     f"KV cache full{waited}: the session needs {need:,} bytes, "
                     f"{self.free_bytes:,} of {self.capacity_bytes:,} are free "
                     f"({self.num_sessions} sessions open); close sessions, wait "
-                    "(wait_for_cache=...), or add servers"
+                    "(wait_for_cache_s=...), or add servers"
                 )
             self._freed.clear()
             try:
@@ -154,6 +155,11 @@ class KVCacheManager:
         self._used -= cache.nbytes
         self._freed.set()
         return True
+
+    def active_sessions(self, within_s: float) -> int:
+        """Sessions used in the last ``within_s`` seconds."""
+        cutoff = time.monotonic() - within_s
+        return sum(1 for cache in self._sessions.values() if cache.last_used >= cutoff)
 
     def expire_idle(self, idle_timeout_s: float) -> list[str]:
         """Free sessions unused for longer than ``idle_timeout_s``; return their ids."""

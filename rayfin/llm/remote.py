@@ -213,7 +213,9 @@ class RemoteBlocks:
             for span in chain:
                 wire: WireTensor = encode(hidden, self.compression)
                 try:
-                    out = self.call(self.handle(span.server_id).forward.remote(wire, span.start, span.end))
+                    out = self.call(
+                        self.handle(span.server_id).forward.remote(wire, span.start, span.end)
+                    )
                 except SERVER_FAILURES:
                     excluded.add(span.server_id)
                     self.report_failure(span.server_id)

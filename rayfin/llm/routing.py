@@ -92,7 +92,9 @@ def find_chain(
     usable = [
         c
         for c in candidates
-        if policy.permits(c.server_id) and c.server_id not in banned and c.end > start
+        if policy.permits(c.server_id)
+        and c.server_id not in banned
+        and c.end > start
         and c.start < end
     ]
     best = {start: 0.0}

@@ -30,6 +30,8 @@ class ServerConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_batch_rows: int = 64
+    # Longest a decode batch waits for other active sessions' steps (0: never wait).
+    batch_wait_s: float = 0.005
     # Torch threads; None uses every core the process may run on, since the stages of
     # one session run one after another rather than at the same time.
     threads: int | None = None

@@ -8,6 +8,7 @@ caches, after which the step carries on. Outputs are the same as without the fai
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class BlockSession:
         self._bytes_per_block = kv_bytes_per_token_block * max_length * batch_size
         self.position = 0
         self.recoveries = 0
+        # Traffic of step() calls: hidden-state payload bytes sent and received, and hops.
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.hops = 0
         self.closed = False
         self._excluded: set[str] = set()
         self.spans: list[_SpanState] = self._open_chain(0, remote.num_blocks, history=[])
@@ -100,7 +105,9 @@ class BlockSession:
                         )
                     )
                     if inputs:
-                        outputs = self.remote.call(state.handle.replay.remote(state.session_id, inputs))
+                        outputs = self.remote.call(
+                            state.handle.replay.remote(state.session_id, inputs)
+                        )
                         state.history = list(inputs)
                         inputs = outputs
                 return states
@@ -132,10 +139,8 @@ class BlockSession:
 
     def _close_states(self, states: list[_SpanState]) -> None:
         for state in states:
-            try:
+            with contextlib.suppress(ray.exceptions.RayError):
                 state.handle.close.remote(state.session_id)
-            except ray.exceptions.RayError:
-                pass
 
     def _recover(self, index: int, exc: BaseException) -> None:
         """Replace span ``index`` after ``exc``: same server if only the session was lost,
@@ -182,32 +187,80 @@ class BlockSession:
                 f"{self.max_length}; open the session with a larger max_length"
             )
         dtype, device = hidden.dtype, hidden.device
-        index = 0
+        wire = encode(hidden, self.remote.compression)
+        index, wire, failure = self._run_chained(wire)
         recoveries = 0
+        # Only after a failure at span `index`: recover it, then go on one span at a time.
         while index < len(self.spans):
-            state = self.spans[index]
-            wire = encode(hidden, self.remote.compression)
-            try:
-                out = self.remote.call(state.handle.step.remote(state.session_id, wire, self.position))
-            except (*SERVER_FAILURES, ray.exceptions.RayTaskError) as exc:
-                recoverable = isinstance(exc, SERVER_FAILURES) or (
-                    isinstance(_cause(exc), SessionError) and "not open" in str(_cause(exc))
-                )
-                recoveries += 1
-                if not recoverable:
-                    raise _cause(exc) from None
-                if recoveries > MAX_RECOVERIES_PER_STEP:
-                    raise LLMError(
-                        f"gave up after {recoveries - 1} failovers in one step "
-                        f"(last error: {exc})"
-                    ) from exc
-                self._recover(index, exc)
-                continue
-            state.history.append(wire)
-            hidden = decode(out, device).to(dtype)
-            index += 1
+            if failure is None:
+                state = self.spans[index]
+                try:
+                    out = self.remote.call(
+                        state.handle.step.remote(state.session_id, wire, self.position)
+                    )
+                except (*SERVER_FAILURES, ray.exceptions.RayTaskError) as exc:
+                    failure = exc
+                else:
+                    self._record(state, wire, out)
+                    wire = out
+                    index += 1
+                    continue
+            recoverable = isinstance(failure, SERVER_FAILURES) or (
+                isinstance(_cause(failure), SessionError) and "not open" in str(_cause(failure))
+            )
+            recoveries += 1
+            if not recoverable:
+                raise _cause(failure) from None
+            if recoveries > MAX_RECOVERIES_PER_STEP:
+                raise LLMError(
+                    f"gave up after {recoveries - 1} failovers in one step (last error: {failure})"
+                ) from failure
+            self._recover(index, failure)
+            failure = None
         self.position += length
-        return hidden
+        return decode(wire, device).to(dtype)
+
+    def _run_chained(self, wire: WireTensor) -> tuple[int, WireTensor, BaseException | None]:
+        """Submit the step to every span at once, each taking the previous one's output.
+
+        Ray passes each output on to the next server as soon as it exists, without a
+        round trip through this thread, which saves a client turnaround per hop. Returns
+        how many spans completed, the last output (or the input of the first span that did
+        not complete), and that span's error: it failed, or it hung past the timeout.
+        """
+        refs = []
+        arg: Any = wire
+        for state in self.spans:
+            arg = state.handle.step.remote(state.session_id, arg, self.position)
+            refs.append(arg)
+        deadline = time.monotonic() + self.remote.options.step_timeout_s * len(refs)
+        inputs = wire
+        for index, (state, ref) in enumerate(zip(self.spans, refs, strict=True)):
+            # A later span can fail before an earlier one finishes (a dead actor refuses at
+            # once), so each span is waited for in order, within the step's time budget.
+            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return (
+                    index,
+                    inputs,
+                    ray.exceptions.GetTimeoutError(
+                        f"server {state.span.server_id} did not answer within "
+                        f"{self.remote.options.step_timeout_s:g} s"
+                    ),
+                )
+            try:
+                out = ray.get(ref)
+            except (*SERVER_FAILURES, ray.exceptions.RayTaskError) as exc:
+                return index, inputs, exc
+            self._record(state, inputs, out)
+            inputs = out
+        return len(refs), inputs, None
+
+    def _record(self, state: _SpanState, sent: WireTensor, received: WireTensor) -> None:
+        state.history.append(sent)
+        self.bytes_sent += sent.nbytes
+        self.bytes_received += received.nbytes
+        self.hops += 1
 
     def close(self) -> None:
         """Free the caches on every server (best effort: a dead server has none to free)."""

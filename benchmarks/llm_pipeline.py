@@ -1,0 +1,273 @@
+"""The distributed LLM against one local process, all in one run. Prints one JSON object.
+
+On SmolLM2-135M (fp32 unless --dtype), with a 3-stage swarm on a local Ray:
+
+- decode latency per token: local transformers ``generate`` vs the swarm (ratio);
+- aggregate tokens/s of 8 concurrent sessions vs 1 (batching);
+- hidden-state bytes per hop with blockwise-8 compression vs without;
+- greedy agreement of the compressed swarm with the exact one;
+- failover: time to recover when a server is killed mid-generation;
+- weight memory and decode speed of one stage with int8 / nf4 weights.
+
+Ratios are taken against a baseline measured in the same run, interleaved, because the
+machine is shared and absolute times drift.
+
+    .venv/bin/python benchmarks/llm_pipeline.py [--tokens 64] [--repeats 3] [--sessions 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+
+from rayfin.llm import DistributedCausalLM, Swarm, launch_swarm, load_local_model
+from rayfin.llm.swarm import stage_bounds
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the stock market.",
+    "Explain what a futures contract is in one sentence.",
+    "List three risks of high-frequency trading.",
+    "What is the square root of 144?",
+    "Summarise: the central bank raised rates by 25 basis points.",
+    "Translate to French: good morning, traders.",
+    "Why is diversification useful?",
+]
+
+
+def _median_per_token(run: Callable[[int], float], tokens: int, repeats: int) -> float:
+    """Decode seconds per token: a long run minus a one-token run (which pays the prefill)."""
+    samples = [(run(tokens + 1) - run(1)) / tokens for _ in range(repeats)]
+    return statistics.median(samples)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def decode_latency(local, client, ids, tokens: int, repeats: int) -> dict[str, float]:
+    def run_local(n: int) -> float:
+        return _timed(
+            lambda: local.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+            )
+        )
+
+    def run_swarm(n: int) -> float:
+        return _timed(lambda: client.generate(ids, max_new_tokens=n, eos_token_id=[]))
+
+    run_local(4), run_swarm(4)  # warm up both paths
+    local_s, swarm_s = [], []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+        local_s.append(_median_per_token(run_local, tokens, 1))
+        swarm_s.append(_median_per_token(run_swarm, tokens, 1))
+    local_ms = statistics.median(local_s) * 1e3
+    swarm_ms = statistics.median(swarm_s) * 1e3
+    return {
+        "local_generate_ms_per_token": round(local_ms, 2),
+        "swarm_ms_per_token": round(swarm_ms, 2),
+        "swarm_vs_local_ratio": round(swarm_ms / local_ms, 3),
+    }
+
+
+def concurrency(
+    client: DistributedCausalLM, tokenizer, tokens: int, sessions: int
+) -> dict[str, Any]:
+    prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS]
+    prompts = [prompts[i % len(prompts)] for i in range(sessions)]
+
+    def one(i: int) -> None:
+        client.generate(prompts[i], max_new_tokens=tokens, eos_token_id=[])
+
+    one(0)
+    single_s = min(_timed(lambda: one(0)) for _ in range(2))
+
+    def many() -> None:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    many_s = min(_timed(many) for _ in range(2))
+    single = tokens / single_s
+    aggregate = sessions * tokens / many_s
+    return {
+        "sessions": sessions,
+        "single_session_tokens_per_s": round(single, 2),
+        "concurrent_aggregate_tokens_per_s": round(aggregate, 2),
+        "concurrent_vs_single_ratio": round(aggregate / single, 2),
+    }
+
+
+def traffic(
+    client: DistributedCausalLM, compressed: DistributedCausalLM, ids, tokens: int
+) -> dict[str, Any]:
+    """Bytes of hidden states actually sent and received per hop, in one generation each."""
+    out: dict[str, Any] = {}
+    for name, model in (("fp32", client), ("blockwise8", compressed)):
+        with model.inference_session(ids.shape[1] + tokens) as session:
+            prefill = model.generate(ids, max_new_tokens=1, eos_token_id=[], session=session)
+            b = session.blocks
+            prefill_bytes, prefill_hops = b.bytes_sent + b.bytes_received, b.hops
+            model.generate(None, max_new_tokens=tokens, eos_token_id=[], session=session)
+            decode_bytes = b.bytes_sent + b.bytes_received - prefill_bytes
+            decode_hops = b.hops - prefill_hops
+        assert prefill.shape[1] == ids.shape[1] + 1
+        # Each hop carries the hidden state there and back: count one direction.
+        out[f"{name}_decode_bytes_per_hop"] = round(decode_bytes / decode_hops / 2, 1)
+        out[f"{name}_prefill_bytes_per_hop"] = round(prefill_bytes / prefill_hops / 2, 1)
+    out["decode_bytes_ratio"] = round(
+        out["blockwise8_decode_bytes_per_hop"] / out["fp32_decode_bytes_per_hop"], 4
+    )
+    out["prefill_bytes_ratio"] = round(
+        out["blockwise8_prefill_bytes_per_hop"] / out["fp32_prefill_bytes_per_hop"], 4
+    )
+    return out
+
+
+def agreement(client, compressed, tokenizer, tokens: int) -> dict[str, Any]:
+    """Greedy agreement of the compressed swarm with the exact one.
+
+    Teacher-forced: on each exact greedy continuation, the share of positions where the
+    compressed model picks the same next token. Free-running: the share of sequences
+    generated identically end to end (one early flip changes everything after it).
+    """
+    agree = total = identical = 0
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        exact = client.generate(ids, max_new_tokens=tokens, eos_token_id=[])
+        logits = compressed(exact[:, :-1]).logits[0, ids.shape[1] - 1 :]
+        agree += int((logits.argmax(-1) == exact[0, ids.shape[1] :]).sum())
+        total += tokens
+        free = compressed.generate(ids, max_new_tokens=tokens, eos_token_id=[])
+        identical += int(torch.equal(free, exact))
+    return {
+        "greedy_agreement_teacher_forced": round(agree / total, 4),
+        "identical_free_running_sequences": f"{identical}/{len(PROMPTS)}",
+    }
+
+
+def failover(swarm: Swarm, client: DistributedCausalLM, ids, tokens: int) -> dict[str, Any]:
+    """Kill the server of the middle stage halfway through a generation; a replica takes over."""
+    start, end = stage_bounds(swarm.spec.num_blocks, 3)[1]
+    swarm.add_server(start, end, server_id="replica-1", num_cpus=0.5)
+    expected = client.generate(ids, max_new_tokens=tokens, eos_token_id=[])
+    steps: list[float] = []
+    pieces: list[torch.Tensor] = []
+
+    def step(session) -> None:
+        pieces.append(client.generate(None, max_new_tokens=1, eos_token_id=[], session=session))
+
+    with client.inference_session(ids.shape[1] + tokens) as session:
+        pieces.append(
+            client.generate(ids, max_new_tokens=tokens // 2, eos_token_id=[], session=session)
+        )
+        victim = session.blocks.chain[1].server_id
+        handle = next(r.handle for r in swarm.servers() if r.server_id == victim)
+        for _ in range(3):  # normal steps, for the baseline
+            steps.append(_timed(lambda: step(session)))
+        ray.kill(handle)
+        recovery = _timed(lambda: step(session))
+        pieces.append(
+            client.generate(
+                None, max_new_tokens=tokens - tokens // 2 - 4, eos_token_id=[], session=session
+            )
+        )
+        new_server = session.blocks.chain[1].server_id
+    full = torch.cat(pieces, dim=1)
+    normal = statistics.median(steps)
+    return {
+        "killed": victim,
+        "replaced_by": new_server,
+        "history_tokens_replayed": ids.shape[1] + tokens // 2 + 3,
+        "normal_step_ms": round(normal * 1e3, 1),
+        "recovery_step_ms": round(recovery * 1e3, 1),
+        "failover_recovery_s": round(recovery - normal, 3),
+        "tokens_identical_to_clean_run": bool(torch.equal(full, expected)),
+    }
+
+
+def quantized_stage(model: str, ids, tokens: int) -> dict[str, Any]:
+    """Weights and decode time of blocks [0, 10) served fp32, int8 and nf4."""
+    out: dict[str, Any] = {}
+    for method in (None, "int8", "nf4"):
+        name = f"q-{method or 'fp32'}"
+        swarm = launch_swarm(model, name=name, quantization=method, num_cpus=0.5)
+        try:
+            (info,) = swarm.status()
+            out[f"{method or 'fp32'}_weight_mb"] = round(info.weight_bytes / 2**20, 1)
+            out[f"{method or 'fp32'}_block_decode_ms"] = round(info.block_latency_s * 1e3, 3)
+        finally:
+            swarm.shutdown()
+    out["int8_weight_ratio"] = round(out["int8_weight_mb"] / out["fp32_weight_mb"], 3)
+    out["nf4_weight_ratio"] = round(out["nf4_weight_mb"] / out["fp32_weight_mb"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    local, tokenizer = load_local_model(args.model, dtype=dtype)
+    local.generation_config.eos_token_id = None
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        num_cpus=max(8, os.cpu_count() or 1),
+    )
+    begin = time.perf_counter()
+    swarm = launch_swarm(args.model, name="bench", num_stages=3, dtype=args.dtype, num_cpus=0.5)
+    squeezed = launch_swarm(
+        args.model,
+        name="bench-c8",
+        num_stages=3,
+        dtype=args.dtype,
+        compression="blockwise8",
+        num_cpus=0.5,
+    )
+    launch_s = time.perf_counter() - begin
+    client = DistributedCausalLM.from_pretrained(args.model, swarm=swarm, dtype=dtype)
+    compressed = DistributedCausalLM.from_pretrained(args.model, swarm=squeezed, dtype=dtype)
+    result: dict[str, Any] = {
+        "benchmark": "llm_pipeline",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "model": args.model,
+        "dtype": args.dtype,
+        "stages": 3,
+        "launch_two_swarms_s": round(launch_s, 1),
+    }
+    result["decode"] = decode_latency(local, client, ids, args.tokens, args.repeats)
+    result["concurrency"] = concurrency(client, tokenizer, args.tokens // 2, args.sessions)
+    result["traffic"] = traffic(client, compressed, ids, args.tokens // 2)
+    result["compression_agreement"] = agreement(client, compressed, tokenizer, 32)
+    squeezed.shutdown()
+    result["failover"] = failover(swarm, client, ids, 32)
+    swarm.shutdown()
+    result["quantized_stage"] = quantized_stage(args.model, ids, args.tokens)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
