@@ -112,6 +112,32 @@ def concurrency(
     }
 
 
+def batching_ceiling(local, sessions: int) -> dict[str, Any]:
+    """What batching can gain at best on this machine: one decode step of the model body
+    for ``sessions`` rows against one row, in this process, no Ray involved."""
+    from transformers import DynamicCache
+
+    def step_s(rows: int) -> float:
+        ids = torch.randint(0, local.config.vocab_size, (rows, 32))
+        with torch.no_grad():
+            cache = DynamicCache(config=local.config)
+            local.model(ids, past_key_values=cache, use_cache=True)
+            nxt = torch.randint(0, local.config.vocab_size, (rows, 1))
+            times = sorted(
+                _timed(lambda: local.model(nxt, past_key_values=cache, use_cache=True))
+                for _ in range(8)
+            )
+        return statistics.median(times)
+
+    one, many = step_s(1), step_s(sessions)
+    return {
+        f"body_step_ms_batch_{sessions}": round(many * 1e3, 1),
+        "body_step_ms_batch_1": round(one * 1e3, 1),
+        "cost_ratio": round(many / one, 2),
+        "throughput_ceiling_ratio": round(sessions * one / many, 2),
+    }
+
+
 def traffic(
     client: DistributedCausalLM, compressed: DistributedCausalLM, ids, tokens: int
 ) -> dict[str, Any]:
@@ -260,6 +286,7 @@ def main() -> None:
     }
     result["decode"] = decode_latency(local, client, ids, args.tokens, args.repeats)
     result["concurrency"] = concurrency(client, tokenizer, args.tokens // 2, args.sessions)
+    result["concurrency"]["ceiling"] = batching_ceiling(local, args.sessions)
     result["traffic"] = traffic(client, compressed, ids, args.tokens // 2)
     result["compression_agreement"] = agreement(client, compressed, tokenizer, 32)
     squeezed.shutdown()

@@ -9,6 +9,7 @@ import ray
 import torch
 
 from rayfin.llm import DistributedCausalLM, Swarm, launch_swarm, load_local_model
+from rayfin.llm.chat import chat_input_ids
 from rayfin.llm.swarm import stage_bounds
 
 pytestmark = [pytest.mark.model, pytest.mark.integration]
@@ -32,17 +33,10 @@ def swarm(ray_local: None) -> Iterator[Swarm]:
     swarm.shutdown()
 
 
-def _prompt(tokenizer, text: str) -> torch.Tensor:
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    )["input_ids"]
-
-
 def test_greedy_32_tokens_equal_local_generate(swarm: Swarm, local) -> None:
     model, tokenizer = local
     client = DistributedCausalLM.from_pretrained(MODEL, swarm=swarm)
-    ids = _prompt(tokenizer, "What is the capital of France?")
+    ids = chat_input_ids(tokenizer, "What is the capital of France?")
     expected = model.generate(ids, max_new_tokens=32, do_sample=False)
     got = client.generate(ids, max_new_tokens=32)
     assert torch.equal(got, expected)
@@ -54,7 +48,7 @@ def test_greedy_32_tokens_equal_local_generate(swarm: Swarm, local) -> None:
 def test_killing_a_server_mid_generation_keeps_the_tokens(swarm: Swarm, local) -> None:
     model, tokenizer = local
     client = DistributedCausalLM.from_pretrained(MODEL, swarm=swarm)
-    ids = _prompt(tokenizer, "Name three primary colours.")
+    ids = chat_input_ids(tokenizer, "Name three primary colours.")
     # The chat template contains <|im_end|>, which is also the pad token: without an explicit
     # mask, transformers would mask those prompt tokens out once EOS is switched off.
     expected = model.generate(

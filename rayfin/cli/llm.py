@@ -328,12 +328,9 @@ def generate(
     if chat is None:
         chat = getattr(tokenizer, "chat_template", None) is not None
     if chat:
-        input_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            return_dict=True,
-            return_tensors="pt",
-        )["input_ids"]
+        from rayfin.llm.chat import chat_input_ids
+
+        input_ids = chat_input_ids(tokenizer, prompt)
     else:
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     client = run_guarded(DistributedCausalLM.from_pretrained, path, swarm=name)
