@@ -1,7 +1,7 @@
 """Choose which servers carry a request: a chain covering the blocks at the lowest cost.
 
 The cost of running blocks ``[i, j)`` on a server is one network round trip plus its
-compute time for those blocks, inflated by how busy it is. The cheapest chain is a
+compute time for those blocks, the whole inflated by how busy the server is. The cheapest chain is a
 shortest path over block boundaries, so a chain may use part of a server's range and
 mix servers with different boundaries. A little random jitter spreads otherwise equal
 sessions across replicas.
@@ -49,7 +49,9 @@ class Candidate:
     cache_free_bytes: int | None = None  # None: unknown, do not filter on it
 
     def cost(self, num_blocks: int) -> float:
-        return self.ping_s + num_blocks * self.block_latency_s * (1 + LOAD_WEIGHT * self.load)
+        # Load scales the whole hop, round trip included: a busy server's answer waits
+        # behind others' work, and replicas whose pings differ by noise still spread.
+        return (self.ping_s + num_blocks * self.block_latency_s) * (1 + LOAD_WEIGHT * self.load)
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,9 +188,9 @@ class BlockSession:
             )
         dtype, device = hidden.dtype, hidden.device
         wire = encode(hidden, self.remote.compression)
-        index, wire, failure = self._run_chained(wire)
-        recoveries = 0
-        # Only after a failure at span `index`: recover it, then go on one span at a time.
+        index, recoveries = 0, 0
+        failure: BaseException | None = None
+        # Span by span; each server's output wire goes on to the next server as it came.
         while index < len(self.spans):
             if failure is None:
                 state = self.spans[index]
@@ -219,42 +219,6 @@ class BlockSession:
             failure = None
         self.position += length
         return decode(wire, device).to(dtype)
-
-    def _run_chained(self, wire: WireTensor) -> tuple[int, WireTensor, BaseException | None]:
-        """Submit the step to every span at once, each taking the previous one's output.
-
-        Ray passes each output on to the next server as soon as it exists, without a
-        round trip through this thread, which saves a client turnaround per hop. Returns
-        how many spans completed, the last output (or the input of the first span that did
-        not complete), and that span's error: it failed, or it hung past the timeout.
-        """
-        refs = []
-        arg: Any = wire
-        for state in self.spans:
-            arg = state.handle.step.remote(state.session_id, arg, self.position)
-            refs.append(arg)
-        deadline = time.monotonic() + self.remote.options.step_timeout_s * len(refs)
-        inputs = wire
-        for index, (state, ref) in enumerate(zip(self.spans, refs, strict=True)):
-            # A later span can fail before an earlier one finishes (a dead actor refuses at
-            # once), so each span is waited for in order, within the step's time budget.
-            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                return (
-                    index,
-                    inputs,
-                    ray.exceptions.GetTimeoutError(
-                        f"server {state.span.server_id} did not answer within "
-                        f"{self.remote.options.step_timeout_s:g} s"
-                    ),
-                )
-            try:
-                out = ray.get(ref)
-            except (*SERVER_FAILURES, ray.exceptions.RayTaskError) as exc:
-                return index, inputs, exc
-            self._record(state, inputs, out)
-            inputs = out
-        return len(refs), inputs, None
 
     def _record(self, state: _SpanState, sent: WireTensor, received: WireTensor) -> None:
         state.history.append(sent)
