@@ -40,3 +40,8 @@ class CacheFullError(LLMError):
 
 class SessionError(LLMError):
     """A session was used wrongly: closed, too long, or unknown to the server."""
+
+
+class SessionNotOpenError(SessionError):
+    """A server does not hold the session (closed, expired, or the server restarted);
+    the client can reopen it there and replay."""

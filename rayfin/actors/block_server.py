@@ -22,7 +22,7 @@ from rayfin.llm.blocks import BlockSpan, CacheSlot
 from rayfin.llm.checkpoint import load_blocks, load_config, model_shape
 from rayfin.llm.compression import WireTensor, check_compression, decode, encode
 from rayfin.llm.kv_cache import KVCacheManager, SessionCache
-from rayfin.llm.loading import resolve_model_path
+from rayfin.llm.loading import resolve_model_path, torch_dtype
 from rayfin.llm.quantization import check_quantization, parameter_bytes, quantize_linears
 from rayfin.llm.server_info import ServerConfig, ServerInfo, ServerRecord
 
@@ -40,13 +40,6 @@ class _Step:
     hidden: torch.Tensor
     position: int
     future: asyncio.Future[torch.Tensor]
-
-
-def _dtype(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
-    return value
 
 
 def _rss_bytes() -> int:
@@ -71,7 +64,7 @@ class BlockServer:
             torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
         elif config.threads:
             torch.set_num_threads(config.threads)
-        self.dtype = _dtype(config.dtype)
+        self.dtype = torch_dtype(config.dtype)
 
         path = resolve_model_path(config.model)
         hf_config = load_config(path)
@@ -321,10 +314,7 @@ class BlockServer:
         rows = first.hidden.shape[0]
         keep: list[_Step] = []
         for item in self._queue:
-            same_blocks = (item.cache.first, item.cache.keys.shape[0]) == (
-                first.cache.first,
-                first.cache.keys.shape[0],
-            )
+            same_blocks = (item.cache.first, item.cache.end) == (first.cache.first, first.cache.end)
             fits = rows + item.hidden.shape[0] <= self.config.max_batch_rows
             if item.hidden.shape[1] == 1 and same_blocks and fits:
                 batch.append(item)
@@ -399,8 +389,7 @@ class BlockServer:
         hidden = batch[0].hidden if len(batch) == 1 else torch.cat([b.hidden for b in batch])
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
-        cache = batch[0].cache
-        start, end = cache.first, cache.first + cache.keys.shape[0]
+        start, end = batch[0].cache.first, batch[0].cache.end
         begin = time.perf_counter()
         with torch.no_grad():
             out = self.span.forward(hidden, torch.cat(positions), slots, start, end)

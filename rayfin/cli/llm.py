@@ -215,15 +215,6 @@ def serve(
     console.print("stopped")
 
 
-def _status_rows(swarm: Swarm) -> list[tuple[str, ServerInfo | None]]:
-    """``(server_id, info or None)`` for each server, None where it did not answer."""
-    ids = [record.server_id for record in swarm.servers()]
-    infos = swarm.status()
-    answered = {info.server_id: info for info in infos if info is not None}
-    rows = [(sid, answered.pop(sid, None)) for sid in ids]
-    return rows + sorted(answered.items())  # any that joined between the two calls
-
-
 def _as_json(server_id: str, info: ServerInfo | None) -> dict[str, Any]:
     from rayfin.llm.swarm import describe
 
@@ -245,7 +236,7 @@ def status(
 ) -> None:
     """Show each server of a swarm: blocks, memory, cache and load."""
     swarm = _join_swarm(name)
-    rows = _status_rows(swarm)
+    rows = list(swarm.status_by_id().items())
     if as_json:
         console.print_json(json.dumps([_as_json(sid, info) for sid, info in rows]))
         return

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rayfin.errors import UnsupportedModelError
+from rayfin.llm.loading import torch_dtype
 
 COMPRESSIONS: tuple[str | None, ...] = (None, "blockwise8")
 
@@ -119,7 +120,7 @@ def decode(wire: WireTensor, device: torch.device | str | None = None) -> torch.
     """Rebuild the tensor of :func:`encode`, with its dtype and shape, on ``device`` (CPU)."""
     codec = check_compression(wire.codec)
     target = torch.device("cpu" if device is None else device)
-    dtype = _torch_dtype(wire.dtype)
+    dtype = torch_dtype(wire.dtype)
     if codec is None:
         # A read-only array (Ray's zero-copy deserialisation) must not back a CPU tensor the
         # caller may write to; moving to another device copies anyway.
@@ -149,13 +150,6 @@ def _code(device: torch.device) -> torch.Tensor:
     from bitsandbytes.functional import create_dynamic_map
 
     return create_dynamic_map(signed=True).to(device=device, dtype=torch.float32)
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise UnsupportedModelError(f"a wire tensor names an unknown torch dtype {name!r}")
-    return dtype
 
 
 def _from_numpy(array: np.ndarray, *, copy_if_readonly: bool) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rayfin.errors import CacheFullError, SessionError
+from rayfin.errors import CacheFullError, SessionError, SessionNotOpenError
 
 
 @dataclass(slots=True)
@@ -28,6 +28,11 @@ class SessionCache:
     nbytes: int
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def end(self) -> int:
+        """One past the last block this cache covers."""
+        return self.first + self.keys.shape[0]
 
     @property
     def batch_size(self) -> int:
@@ -140,7 +145,7 @@ class KVCacheManager:
         try:
             cache = self._sessions[session_id]
         except KeyError:
-            raise SessionError(
+            raise SessionNotOpenError(
                 f"session {session_id} is not open on this server (closed, expired after "
                 "idling, or the server restarted)"
             ) from None

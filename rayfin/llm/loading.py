@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (``"float32"``, ``"bfloat16"``, ...)."""
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ModelAssetError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+    return value
+
+
 def resolve_model_path(name_or_path: str | Path, *, cache_dir: Path | None = None) -> str:
     """A catalogue name becomes its prepared folder; folders and hub ids pass through."""
     text = str(name_or_path)
@@ -43,10 +53,7 @@ def load_local_model(
 
     source = resolve_model_path(name_or_path, cache_dir=cache_dir)
     if isinstance(dtype, str):
-        try:
-            dtype = getattr(torch, dtype)
-        except AttributeError:
-            raise ModelAssetError(f"unknown dtype {dtype!r}") from None
+        dtype = torch_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)

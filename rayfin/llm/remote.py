@@ -21,7 +21,7 @@ from rayfin.errors import CacheFullError, LLMError, SwarmUnavailableError
 from rayfin.llm.compression import WireTensor, decode, encode
 from rayfin.llm.routing import Candidate, RoutingPolicy, Span, find_chain
 from rayfin.llm.server_info import ServerInfo, ServerRecord
-from rayfin.llm.swarm import find_registry
+from rayfin.llm.swarm import connect_swarm
 
 # Errors after which a server is given up on for this client: it died, is restarting,
 # or did not answer in time. Anything else a server raises is a real error and surfaces.
@@ -66,14 +66,9 @@ class RemoteBlocks:
         self._opened_since_refresh: Counter[str] = Counter()
         self._refreshed = 0.0
         self._rng = random.Random()
-        registry = find_registry(swarm)
-        if registry is None:
-            raise LLMError(
-                f"no swarm named {swarm!r} in this Ray cluster; start one with "
-                "rayfin.llm.launch_swarm(...) or `rayfin llm serve`"
-            )
-        self.registry = registry
-        spec = ray.get(registry.spec.remote())
+        handle = connect_swarm(swarm)
+        self.registry = handle.registry
+        spec = handle.spec
         if spec.num_blocks != num_blocks:
             raise LLMError(
                 f"swarm {swarm!r} serves a model with {spec.num_blocks} blocks, "

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import torch
 
-from rayfin.errors import CacheFullError, LLMError, SessionError
+from rayfin.errors import CacheFullError, LLMError, SessionError, SessionNotOpenError
 from rayfin.llm.compression import WireTensor, decode, encode
 from rayfin.llm.remote import SERVER_FAILURES, RemoteBlocks
 from rayfin.llm.routing import Span
@@ -39,6 +39,11 @@ def _cause(exc: BaseException) -> BaseException:
     if isinstance(exc, ray.exceptions.RayTaskError):
         return exc.cause if exc.cause is not None else exc
     return exc
+
+
+def _recoverable(exc: BaseException) -> bool:
+    """The server failed, or it is fine but no longer holds the session."""
+    return isinstance(exc, SERVER_FAILURES) or isinstance(_cause(exc), SessionNotOpenError)
 
 
 class BlockSession:
@@ -94,16 +99,7 @@ class BlockSession:
                 for span in chain:
                     state = _SpanState(span, self.remote.handle(span.server_id), uuid.uuid4().hex)
                     states.append(state)
-                    self.remote.call(
-                        state.handle.open.remote(
-                            state.session_id,
-                            span.start,
-                            span.end,
-                            self.batch_size,
-                            self.max_length,
-                            self.wait_for_cache_s,
-                        )
-                    )
+                    self._open_on(state)
                     if inputs:
                         outputs = self.remote.call(
                             state.handle.replay.remote(state.session_id, inputs)
@@ -126,15 +122,28 @@ class BlockSession:
             self._excluded.add(failed)
             self._close_states(states)
 
+    def _open_on(self, state: _SpanState) -> None:
+        """Reserve the session's cache on ``state``'s server."""
+        self.remote.call(
+            state.handle.open.remote(
+                state.session_id,
+                state.span.start,
+                state.span.end,
+                self.batch_size,
+                self.max_length,
+                self.wait_for_cache_s,
+            )
+        )
+
     def _alternatives(self, server_id: str, chain: list[Span]) -> bool:
-        """Whether any other permitted server could stand in for ``server_id``."""
+        """Whether any other permitted server could stand in for ``server_id``
+        (the candidates are only the permitted servers)."""
         span = next(s for s in chain if s.server_id == server_id)
         return any(
             c.server_id != server_id
             and c.server_id not in self._excluded
             and c.start <= span.start < c.end
             for c in self.remote.candidates()
-            if self.remote.options.policy.permits(c.server_id)
         )
 
     def _close_states(self, states: list[_SpanState]) -> None:
@@ -147,20 +156,10 @@ class BlockSession:
         otherwise a new chain over the same blocks, rebuilt from the kept inputs."""
         self.recoveries += 1
         failed = self.spans[index]
-        cause = _cause(exc)
-        if isinstance(cause, SessionError) and "not open" in str(cause):
+        if isinstance(_cause(exc), SessionNotOpenError):
             # The server is fine but dropped the session (idle expiry): reopen it there.
             try:
-                self.remote.call(
-                    failed.handle.open.remote(
-                        failed.session_id,
-                        failed.span.start,
-                        failed.span.end,
-                        self.batch_size,
-                        self.max_length,
-                        self.wait_for_cache_s,
-                    )
-                )
+                self._open_on(failed)
                 if failed.history:
                     self.remote.call(failed.handle.replay.remote(failed.session_id, failed.history))
                 return
@@ -205,11 +204,8 @@ class BlockSession:
                     wire = out
                     index += 1
                     continue
-            recoverable = isinstance(failure, SERVER_FAILURES) or (
-                isinstance(_cause(failure), SessionError) and "not open" in str(_cause(failure))
-            )
             recoveries += 1
-            if not recoverable:
+            if not _recoverable(failure):
                 raise _cause(failure) from None
             if recoveries > MAX_RECOVERIES_PER_STEP:
                 raise LLMError(

@@ -72,16 +72,20 @@ class Swarm:
 
     def status(self, timeout_s: float = 10.0) -> list[ServerInfo | None]:
         """Each server's :class:`ServerInfo`; ``None`` where it did not answer in time."""
+        return list(self.status_by_id(timeout_s).values())
+
+    def status_by_id(self, timeout_s: float = 10.0) -> dict[str, ServerInfo | None]:
+        """:meth:`status` keyed by server id, so servers that did not answer keep theirs."""
         records = self.servers()
         refs = [record.handle.info.remote() for record in records]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         done = set(ready)
-        infos: list[ServerInfo | None] = []
-        for ref in refs:
+        infos: dict[str, ServerInfo | None] = {}
+        for record, ref in zip(records, refs, strict=True):
             try:
-                infos.append(ray.get(ref) if ref in done else None)
+                infos[record.server_id] = ray.get(ref) if ref in done else None
             except ray.exceptions.RayError:
-                infos.append(None)
+                infos[record.server_id] = None
         return infos
 
     def add_server(
@@ -154,19 +158,18 @@ class Swarm:
             handles.append(handle)
             ids.append(server_id)
         try:
-            ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+            infos = ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             for handle in handles:
                 ray.kill(handle)
             raise LLMError(f"block servers for swarm {self.name!r} failed to start: {exc}") from exc
         # Registration is asynchronous; make sure clients see every server from now on.
-        for handle, start, end, server_id in zip(
-            handles, (r[0] for r in ranges), (r[1] for r in ranges), ids, strict=True
-        ):
-            info = ray.get(handle.info.remote())
-            record = ServerRecord(server_id, handle, start, end, info.node_id, info.device)
+        for handle, info in zip(handles, infos, strict=True):
+            record = ServerRecord(
+                info.server_id, handle, info.start, info.end, info.node_id, info.device
+            )
             ray.get(self.registry.register.remote(record))
-            self._owned[server_id] = handle
+            self._owned[info.server_id] = handle
         return ids
 
     def remove_server(self, server_id: str, *, graceful: bool = True) -> None:
