@@ -44,6 +44,41 @@ PROMPTS = [
     "Why is diversification useful?",
 ]
 
+# More text for the agreement measurement: one greedy flip in 8 x 32 tokens is 0.4 %, too
+# coarse for a 99 % goal, so agreement is taken over these plus PROMPTS (38 x 48 tokens).
+MORE_PROMPTS = [
+    "Once upon a time, in a small village,",
+    "The Federal Reserve announced today that",
+    "def fibonacci(n):",
+    "In 1969, the first humans",
+    "The best way to learn a language is",
+    "Bitcoin fell sharply after",
+    "Photosynthesis is the process by which",
+    "The recipe calls for two cups of",
+    "Shares of Apple rose 3% after the company",
+    "My favourite book is",
+    "The theory of relativity states that",
+    "To install the package, run",
+    "Oil prices climbed on reports that",
+    "The quick brown fox",
+    "Machine learning models can overfit when",
+    "The weather in London is usually",
+    "A good risk manager always",
+    "Dear customer, we regret to inform you",
+    "The E-mini S&P 500 futures contract",
+    "Water boils at",
+    "In the first quarter, revenue grew",
+    "The main causes of the French Revolution were",
+    "Python is a programming language that",
+    "Inflation data released on Tuesday showed",
+    "The cat sat on the",
+    "Three tips for a good night's sleep:",
+    "The central bank is expected to",
+    "Gold is often considered a safe haven because",
+    "Yesterday the market closed",
+    "The solar system consists of",
+]
+
 
 def _median_per_token(run: Callable[[int], float], tokens: int, repeats: int) -> float:
     """Decode seconds per token: a long run minus a one-token run (which pays the prefill)."""
@@ -164,26 +199,55 @@ def traffic(
     return out
 
 
-def agreement(client, compressed, tokenizer, tokens: int) -> dict[str, Any]:
-    """Greedy agreement of the compressed swarm with the exact one.
+def agreement(local, client, compressed, tokenizer, tokens: int) -> dict[str, Any]:
+    """Greedy agreement of the compressed swarm with the exact model.
 
-    Teacher-forced: on each exact greedy continuation, the share of positions where the
-    compressed model picks the same next token. Free-running: the share of sequences
-    generated identically end to end (one early flip changes everything after it).
+    Teacher-forced: along each greedy continuation of the local model, the share of
+    positions where a swarm picks the same next token, and the mean KL divergence of its
+    next-token distribution from the local one. The exact (uncompressed) swarm is measured
+    the same way as a control. Free-running: the share of the first prompts' sequences that
+    the compressed swarm generates identically end to end (one early flip changes
+    everything after it).
     """
-    agree = total = identical = 0
-    for prompt in PROMPTS:
+    agree = {"exact": 0, "blockwise8": 0}
+    kl = {"exact": 0.0, "blockwise8": 0.0}
+    total = identical = 0
+    for prompt in PROMPTS + MORE_PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        exact = client.generate(ids, max_new_tokens=tokens, eos_token_id=[])
-        logits = compressed(exact[:, :-1]).logits[0, ids.shape[1] - 1 :]
-        agree += int((logits.argmax(-1) == exact[0, ids.shape[1] :]).sum())
-        total += tokens
-        free = compressed.generate(ids, max_new_tokens=tokens, eos_token_id=[])
-        identical += int(torch.equal(free, exact))
+        with torch.no_grad():
+            reference = local.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False
+            )
+            expected = local(reference[:, :-1]).logits[0, ids.shape[1] - 1 :].log_softmax(-1)
+        target = reference[0, ids.shape[1] :]
+        for name, model in (("exact", client), ("blockwise8", compressed)):
+            logits = model(reference[:, :-1]).logits[0, ids.shape[1] - 1 :].log_softmax(-1)
+            agree[name] += int((logits.argmax(-1) == target).sum())
+            kl[name] += float(
+                torch.nn.functional.kl_div(logits, expected, log_target=True, reduction="sum")
+            )
+        total += len(target)
+        if prompt in PROMPTS:
+            free = compressed.generate(ids, max_new_tokens=tokens, eos_token_id=[])
+            identical += int(torch.equal(free, reference))
+    share = agree["blockwise8"] / total
+    low, high = _wilson(share, total)
     return {
-        "greedy_agreement_teacher_forced": round(agree / total, 4),
+        "positions": total,
+        "greedy_agreement_teacher_forced": round(share, 4),
+        "agreement_95ci": [round(low, 4), round(high, 4)],
+        "mean_kl": f"{kl['blockwise8'] / total:.2e}",
+        "exact_swarm_agreement": round(agree["exact"] / total, 4),
+        "exact_swarm_mean_kl": f"{kl['exact'] / total:.2e}",
         "identical_free_running_sequences": f"{identical}/{len(PROMPTS)}",
     }
+
+
+def _wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion."""
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((share * (1 - share) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def failover(swarm: Swarm, client: DistributedCausalLM, ids, tokens: int) -> dict[str, Any]:
@@ -243,6 +307,9 @@ def quantized_stage(model: str, ids, tokens: int) -> dict[str, Any]:
     return out
 
 
+SECTIONS = ("decode", "concurrency", "traffic", "agreement", "failover", "quantized")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -250,7 +317,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if unknown := only - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
     dtype = getattr(torch, args.dtype)
     local, tokenizer = load_local_model(args.model, dtype=dtype)
@@ -284,15 +359,21 @@ def main() -> None:
         "stages": 3,
         "launch_two_swarms_s": round(launch_s, 1),
     }
-    result["decode"] = decode_latency(local, client, ids, args.tokens, args.repeats)
-    result["concurrency"] = concurrency(client, tokenizer, args.tokens // 2, args.sessions)
-    result["concurrency"]["ceiling"] = batching_ceiling(local, args.sessions)
-    result["traffic"] = traffic(client, compressed, ids, args.tokens // 2)
-    result["compression_agreement"] = agreement(client, compressed, tokenizer, 32)
+    if "decode" in only:
+        result["decode"] = decode_latency(local, client, ids, args.tokens, args.repeats)
+    if "concurrency" in only:
+        result["concurrency"] = concurrency(client, tokenizer, args.tokens // 2, args.sessions)
+        result["concurrency"]["ceiling"] = batching_ceiling(local, args.sessions)
+    if "traffic" in only:
+        result["traffic"] = traffic(client, compressed, ids, args.tokens // 2)
+    if "agreement" in only:
+        result["compression_agreement"] = agreement(local, client, compressed, tokenizer, 48)
     squeezed.shutdown()
-    result["failover"] = failover(swarm, client, ids, 32)
+    if "failover" in only:
+        result["failover"] = failover(swarm, client, ids, 32)
     swarm.shutdown()
-    result["quantized_stage"] = quantized_stage(args.model, ids, args.tokens)
+    if "quantized" in only:
+        result["quantized_stage"] = quantized_stage(args.model, ids, args.tokens)
     print(json.dumps(result, indent=2))
 
 

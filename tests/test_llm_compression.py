@@ -85,7 +85,7 @@ def test_blockwise8_round_trip_is_close(dtype: torch.dtype) -> None:
     assert wire.data.flags.c_contiguous
     assert wire.absmax is not None
     assert wire.absmax.dtype == np.float32
-    assert wire.absmax.size == x.numel() // BLOCKSIZE
+    assert wire.absmax.size == 2 * 16 * -(-576 // BLOCKSIZE)  # per token, blocks of 256
     y = decode(wire)
     assert y.dtype == dtype
     assert y.shape == x.shape
@@ -100,10 +100,18 @@ def test_blockwise8_sizes_that_are_not_a_multiple_of_the_block(shape: tuple[int,
     x = _hidden(shape)
     wire = encode(x, "blockwise8")
     assert wire.absmax is not None
-    assert wire.absmax.size == -(-x.numel() // BLOCKSIZE)
+    width = shape[-1] if shape else 1
+    assert wire.absmax.size == (x.numel() // width) * -(-width // BLOCKSIZE)
     y = decode(wire)
     assert y.shape == x.shape
     assert torch.allclose(y, x, rtol=0.05, atol=0.05 * float(x.abs().max()))
+
+
+def test_blockwise8_encodes_a_token_alike_alone_or_in_a_chunk() -> None:
+    x = _hidden((1, 5, 576))
+    chunk = decode(encode(x, "blockwise8"))
+    alone = torch.cat([decode(encode(x[:, i : i + 1], "blockwise8")) for i in range(5)], dim=1)
+    assert torch.equal(chunk, alone)
 
 
 def test_blockwise8_of_an_empty_tensor() -> None:
@@ -122,7 +130,7 @@ def test_blockwise8_is_about_a_quarter_of_float32(shape: tuple[int, ...]) -> Non
     ratio = encode(x, "blockwise8").nbytes / encode(x).nbytes
     assert 0.25 < ratio <= 0.27
     tokens = x.numel() // 576
-    expected = 576 * tokens + 4 * -(-x.numel() // BLOCKSIZE) + tokens * OUTLIERS * (2 + 2)
+    expected = tokens * (576 + 4 * -(-576 // BLOCKSIZE) + OUTLIERS * (2 + 2))
     assert encode(x, "blockwise8").nbytes == expected
 
 
