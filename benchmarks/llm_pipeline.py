@@ -136,7 +136,9 @@ def concurrency(
         for thread in threads:
             thread.join()
 
+    before = client._cohort.batches
     many_s = min(_timed(many) for _ in range(2))
+    cohort_steps = client._cohort.batches - before
     single = tokens / single_s
     aggregate = sessions * tokens / many_s
     return {
@@ -144,6 +146,8 @@ def concurrency(
         "single_session_tokens_per_s": round(single, 2),
         "concurrent_aggregate_tokens_per_s": round(aggregate, 2),
         "concurrent_vs_single_ratio": round(aggregate / single, 2),
+        # Session steps per client cohort step (8 when the sessions stay in step).
+        "mean_cohort_size": round(2 * sessions * tokens / cohort_steps, 2),
     }
 
 

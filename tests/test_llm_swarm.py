@@ -179,6 +179,7 @@ def test_concurrent_sessions_are_batched_and_spread(
     assert all(torch.equal(a, b) for a, b in zip(alone, results, strict=True))
     infos = swarm.status()
     assert max(i.extra["largest_batch"] for i in infos) > 1
+    assert client._cohort.largest_batch > 1  # the client sent their steps together
     # Sessions were spread: both replicas of the first stage served some.
     assert {c[0] for c in chains} == {"t-main-s0-r0", "t-main-s0-r1"}
 
@@ -258,6 +259,36 @@ def test_failover_keeps_tokens_identical(fragile: Swarm, tiny: Path) -> None:
         time.sleep(2.5)  # idle_timeout_s=1: the servers drop the session's caches
 
     assert torch.equal(_generate_with(client, prompt, 24, expire), expected)
+
+
+def test_concurrent_sessions_fail_over_together(fragile: Swarm, tiny: Path) -> None:
+    client = DistributedCausalLM.from_pretrained(tiny, swarm=fragile, step_timeout_s=3.0)
+    prompts = [_ids(1, 5, seed=30 + i) for i in range(4)]
+    expected = [client.generate(p, max_new_tokens=16, eos_token_id=[]) for p in prompts]
+    halfway = threading.Barrier(len(prompts) + 1, timeout=60)
+    resume = threading.Barrier(len(prompts) + 1, timeout=60)
+    used: list[str] = [""] * len(prompts)
+    results: list[torch.Tensor | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        with client.inference_session(max_length=21) as session:
+            first = client.generate(prompts[i], max_new_tokens=8, eos_token_id=[], session=session)
+            used[i] = session.blocks.chain[1].server_id
+            halfway.wait()
+            resume.wait()
+            rest = client.generate(None, max_new_tokens=8, eos_token_id=[], session=session)
+        results[i] = torch.cat([first, rest], dim=1)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    halfway.wait()
+    ray.kill(_record(fragile, used[0]).handle)  # no restart: the other replica takes over
+    resume.wait()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(torch.equal(a, b) for a, b in zip(expected, results, strict=True))
+    assert client._cohort.largest_batch > 1
 
 
 def test_a_restarted_server_is_replayed_onto(fragile: Swarm, tiny: Path) -> None:

@@ -251,10 +251,24 @@ class BlockServer:
             )
         return cache, hidden
 
-    async def step(self, session_id: str, wire: WireTensor, position: int) -> WireTensor:
-        """Run the session's blocks on new hidden states, appending to its cache."""
-        cache, hidden = self._take(session_id, wire, position)
-        return encode(await self._submit(cache, hidden, position), self.config.compression)
+    async def step(self, steps: list[tuple[str, WireTensor, int]]) -> list[WireTensor | Exception]:
+        """Run each ``(session_id, hidden, position)`` through its session's blocks,
+        appending to the session's cache.
+
+        A client sends the steps of all its concurrent sessions on this server in one call;
+        they queue together, so their decode tokens run as one batched forward. Each entry
+        gets its output or the error it raised: one bad session fails alone.
+        """
+
+        async def one(session_id: str, wire: WireTensor, position: int) -> WireTensor | Exception:
+            try:
+                cache, hidden = self._take(session_id, wire, position)
+                out = await self._submit(cache, hidden, position)
+                return encode(out, self.config.compression)
+            except Exception as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(*entry) for entry in steps)))
 
     async def replay(self, session_id: str, wires: list[WireTensor]) -> list[WireTensor]:
         """Rebuild a session's cache from every input it has had; return each chunk's output.

@@ -7,8 +7,7 @@ inference: ``model(input_ids).logits``, ``generate(...)``, plus explicit session
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,77 +16,16 @@ import torch
 
 from rayfin.errors import SessionError
 from rayfin.llm.checkpoint import load_client_parts, load_config, model_shape
+from rayfin.llm.cohort import StepCohort
 from rayfin.llm.generation import SamplingOptions, StopState, TokenSelector
 from rayfin.llm.loading import resolve_model_path
 from rayfin.llm.remote import ClientOptions, RemoteBlocks
-from rayfin.llm.session import BlockSession
+from rayfin.llm.session import BlockSession, step_together
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
     from rayfin.llm.swarm import Swarm
-
-
-class _Slot:
-    __slots__ = ("done", "error", "inputs", "lead", "result")
-
-    def __init__(self, inputs: torch.Tensor) -> None:
-        self.inputs = inputs
-        self.result: torch.Tensor | None = None
-        self.error: BaseException | None = None
-        self.lead = False
-        self.done = threading.Event()
-
-
-class _RowCombiner:
-    """Runs a row-wise function once over the rows of all threads calling at the same time.
-
-    The LM head reads its whole weight matrix (113 MB for SmolLM2 in fp32) for one row or
-    for many, so concurrent sessions in one client share that read. Whoever arrives while a
-    batch computes joins the next one; a lone caller pays nothing extra.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.fn = fn
-        self._lock = threading.Lock()
-        self._pending: list[_Slot] = []
-        self._busy = False
-
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        slot = _Slot(rows)
-        with self._lock:
-            self._pending.append(slot)
-            slot.lead = not self._busy
-            self._busy = True
-        if not slot.lead:
-            slot.done.wait()
-        if slot.lead:
-            self._run_batch()
-        if slot.error is not None:
-            raise slot.error
-        assert slot.result is not None
-        return slot.result
-
-    def _run_batch(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        try:
-            inputs = [s.inputs for s in batch]
-            out = self.fn(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
-            for s, part in zip(batch, out.split([len(i) for i in inputs]), strict=True):
-                s.result = part
-        except BaseException as exc:
-            for s in batch:
-                s.error = exc
-        with self._lock:
-            if self._pending:  # hand the lead to the first waiter of the next batch
-                self._pending[0].lead = True
-                self._pending[0].done.set()
-            else:
-                self._busy = False
-        for s in batch:
-            s.lead = False
-            s.done.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +55,15 @@ class InferenceSession:
         return self.blocks.max_length
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, new, vocab]`` for ``input_ids`` ``[batch, new]``."""
-        hidden = self.model.embed(input_ids)
-        return self.model.lm_logits(self.blocks.step(hidden))
+        """Logits ``[batch, new, vocab]`` for ``input_ids`` ``[batch, new]``.
+
+        Steps of the model's other sessions running at the same time (from other threads)
+        are computed together with this one.
+        """
+        return self.model._cohort.step(self, (self, input_ids))
 
     def close(self) -> None:
+        self.model._cohort.forget(self)
         self.blocks.close()
 
     def __enter__(self) -> InferenceSession:
@@ -151,7 +93,7 @@ class DistributedCausalLM:
         self.lm_head = lm_head
         self.remote = remote
         self.generation_defaults = generation_defaults or {}
-        self._head = _RowCombiner(self._head_rows)
+        self._cohort = StepCohort(self._step_sessions)
 
     @classmethod
     def from_pretrained(
@@ -196,13 +138,34 @@ class DistributedCausalLM:
             return self.embed_tokens(input_ids)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head; rows from concurrent sessions are computed together."""
-        rows = self._head(hidden.reshape(-1, hidden.shape[-1]))
-        return rows.reshape(*hidden.shape[:-1], -1)
-
-    def _head_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head over ``hidden`` ``[..., dim]``."""
         with torch.no_grad():
-            return self.lm_head(self.norm(rows))
+            return self.lm_head(self.norm(hidden))
+
+    def _step_sessions(
+        self, steps: list[tuple[InferenceSession, torch.Tensor]]
+    ) -> list[torch.Tensor | BaseException]:
+        """One step of each session: embeddings, every block (one call per server for
+        all of them), then one LM head pass over all their rows."""
+        hidden: list[torch.Tensor | BaseException] = []
+        for _, input_ids in steps:
+            try:
+                hidden.append(self.embed(input_ids))
+            except Exception as exc:
+                hidden.append(exc)
+        to_blocks = [(s.blocks, h) for (s, _), h in zip(steps, hidden, strict=True)]
+        outputs = step_together([(b, h) for b, h in to_blocks if isinstance(h, torch.Tensor)])
+        ordered = iter(outputs)
+        states = [h if isinstance(h, BaseException) else next(ordered) for h in hidden]
+        ready = [o for o in states if isinstance(o, torch.Tensor)]
+        if not ready:
+            return states
+        rows = torch.cat([o.reshape(-1, o.shape[-1]) for o in ready])
+        logits = iter(self.lm_logits(rows).split([o.shape[0] * o.shape[1] for o in ready]))
+        return [
+            o if isinstance(o, BaseException) else next(logits).reshape(*o.shape[:-1], -1)
+            for o in states
+        ]
 
     # -- inference -------------------------------------------------------------------------
 

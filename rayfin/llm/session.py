@@ -175,46 +175,21 @@ class BlockSession:
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run ``hidden`` ``[batch, new, dim]`` through every block; caches grow by ``new``."""
+        (out,) = step_together([(self, hidden)])
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def _check_step(self, hidden: torch.Tensor) -> None:
         if self.closed:
             raise SessionError("this inference session is closed")
         if hidden.shape[0] != self.batch_size:
             raise SessionError(f"session batch is {self.batch_size}, got {hidden.shape[0]} rows")
-        length = hidden.shape[1]
-        if self.position + length > self.max_length:
+        if self.position + hidden.shape[1] > self.max_length:
             raise SessionError(
-                f"session would reach {self.position + length} tokens, past its max_length "
-                f"{self.max_length}; open the session with a larger max_length"
+                f"session would reach {self.position + hidden.shape[1]} tokens, past its "
+                f"max_length {self.max_length}; open the session with a larger max_length"
             )
-        dtype, device = hidden.dtype, hidden.device
-        wire = encode(hidden, self.remote.compression)
-        index, recoveries = 0, 0
-        failure: BaseException | None = None
-        # Span by span; each server's output wire goes on to the next server as it came.
-        while index < len(self.spans):
-            if failure is None:
-                state = self.spans[index]
-                try:
-                    out = self.remote.call(
-                        state.handle.step.remote(state.session_id, wire, self.position)
-                    )
-                except (*SERVER_FAILURES, ray.exceptions.RayTaskError) as exc:
-                    failure = exc
-                else:
-                    self._record(state, wire, out)
-                    wire = out
-                    index += 1
-                    continue
-            recoveries += 1
-            if not _recoverable(failure):
-                raise _cause(failure) from None
-            if recoveries > MAX_RECOVERIES_PER_STEP:
-                raise LLMError(
-                    f"gave up after {recoveries - 1} failovers in one step (last error: {failure})"
-                ) from failure
-            self._recover(index, failure)
-            failure = None
-        self.position += length
-        return decode(wire, device).to(dtype)
 
     def _record(self, state: _SpanState, sent: WireTensor, received: WireTensor) -> None:
         state.history.append(sent)
@@ -236,3 +211,92 @@ class BlockSession:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+@dataclass(slots=True)
+class _Progress:
+    """One session's way through its chain within :func:`step_together`."""
+
+    slot: int
+    session: BlockSession
+    length: int
+    dtype: torch.dtype
+    device: torch.device
+    wire: WireTensor
+    index: int = 0
+    recoveries: int = 0
+
+
+def step_together(
+    steps: list[tuple[BlockSession, torch.Tensor]],
+) -> list[torch.Tensor | BaseException]:
+    """Step several sessions at once: each one's hidden states through all its blocks.
+
+    Sessions whose next span is on the same server share one call to it, which the server
+    runs as one batched forward; calls to different servers are in flight together. Each
+    session fails over on its own (see :meth:`BlockSession._recover`), and the result list
+    holds each session's output, or the error that ended its step.
+    """
+    results: list[torch.Tensor | BaseException | None] = [None] * len(steps)
+    active: list[_Progress] = []
+    for slot, (session, hidden) in enumerate(steps):
+        try:
+            session._check_step(hidden)
+            wire = encode(hidden, session.remote.compression)
+        except Exception as exc:
+            results[slot] = exc
+            continue
+        active.append(_Progress(slot, session, hidden.shape[1], hidden.dtype, hidden.device, wire))
+    while active:
+        groups: dict[str, list[_Progress]] = {}
+        for p in active:
+            groups.setdefault(p.session.spans[p.index].span.server_id, []).append(p)
+        # Every server's call goes out before any reply is awaited.
+        calls = []
+        for group in groups.values():
+            entries = [
+                (p.session.spans[p.index].session_id, p.wire, p.session.position) for p in group
+            ]
+            handle = group[0].session.spans[group[0].index].handle
+            calls.append((group, handle.step.remote(entries)))
+        for group, ref in calls:
+            try:
+                outputs: list[Any] = group[0].session.remote.call(ref)
+            except (*SERVER_FAILURES, ray.exceptions.RayTaskError) as exc:
+                outputs = [exc] * len(group)
+            for p, out in zip(group, outputs, strict=True):
+                if isinstance(out, BaseException):
+                    _fail(p, out, results)
+                else:
+                    _advance(p, out, results)
+        active = [p for p in active if results[p.slot] is None]
+    return results  # type: ignore[return-value]
+
+
+def _advance(p: _Progress, out: WireTensor, results: list[Any]) -> None:
+    state = p.session.spans[p.index]
+    p.session._record(state, p.wire, out)
+    p.wire = out
+    p.index += 1
+    if p.index == len(p.session.spans):
+        p.session.position += p.length
+        results[p.slot] = decode(out, p.device).to(p.dtype)
+
+
+def _fail(p: _Progress, exc: BaseException, results: list[Any]) -> None:
+    """Recover the span that failed ``p``'s step, or end the step with an error."""
+    p.recoveries += 1
+    if not _recoverable(exc):
+        results[p.slot] = _cause(exc)
+        return
+    if p.recoveries > MAX_RECOVERIES_PER_STEP:
+        error = LLMError(
+            f"gave up after {p.recoveries - 1} failovers in one step (last error: {exc})"
+        )
+        error.__cause__ = exc
+        results[p.slot] = error
+        return
+    try:
+        p.session._recover(p.index, exc)
+    except Exception as error:
+        results[p.slot] = error
