@@ -2,7 +2,8 @@
 
 On SmolLM2-135M (fp32 unless --dtype), with a 3-stage swarm on a local Ray:
 
-- decode latency per token: local transformers ``generate`` vs the swarm (ratio);
+- decode latency per token: local transformers ``generate`` vs the swarm (ratio), and vs
+  a bare chain of Ray actors holding the same blocks (what Ray itself costs here);
 - aggregate tokens/s of 8 concurrent sessions vs 1 (batching);
 - hidden-state bytes per hop with blockwise-8 compression vs without;
 - greedy agreement of the compressed swarm with the exact one;
@@ -27,11 +28,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from rayfin.llm import DistributedCausalLM, Swarm, launch_swarm, load_local_model
-from rayfin.llm.swarm import stage_bounds
+from rayfin.llm.swarm import SERVER_ENV, stage_bounds
 
 PROMPTS = [
     "The capital of France is",
@@ -92,7 +94,48 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - begin
 
 
-def decode_latency(local, client, ids, tokens: int, repeats: int) -> dict[str, float]:
+class _BareStage:
+    """Blocks in a plain Ray actor: no sessions, caches, batching, routing or failover.
+
+    A chain of these is the floor for any pipeline of Ray actors on this machine: what the
+    calls and the processes cost, whatever runs in them.
+    """
+
+    def __init__(self, model: str, start: int, end: int) -> None:
+        from rayfin.llm.blocks import BlockSpan
+        from rayfin.llm.checkpoint import load_blocks, load_config
+        from rayfin.llm.loading import resolve_model_path
+
+        path = resolve_model_path(model)
+        layers, rotary = load_blocks(path, load_config(path), start, end, torch.float32)
+        self.span = BlockSpan(layers, rotary, start)
+        self.positions = torch.zeros(1, 1, dtype=torch.long)
+
+    def forward(self, hidden: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.span.forward(torch.tensor(hidden), self.positions).numpy()
+
+
+def bare_pipeline(model: str, local, num_stages: int) -> Callable[[torch.Tensor, int], None]:
+    """Greedy decoding through ``num_stages`` bare actors (no KV cache: each step feeds one
+    token, which costs the blocks what a cached step does at these lengths)."""
+    stage = ray.remote(_BareStage).options(num_cpus=0.5, runtime_env={"env_vars": SERVER_ENV})
+    stages = [stage.remote(model, a, b) for a, b in stage_bounds(local.config.num_hidden_layers, 3)]
+    embed, norm, head = local.model.embed_tokens, local.model.norm, local.lm_head
+
+    def run(ids: torch.Tensor, n: int) -> None:
+        token = ids[:, -1:]
+        with torch.no_grad():
+            for _ in range(n):
+                hidden = embed(token).numpy()
+                for actor in stages:
+                    hidden = ray.get(actor.forward.remote(hidden))
+                token = head(norm(torch.tensor(hidden))).argmax(-1)
+
+    return run
+
+
+def decode_latency(local, client, bare, ids, tokens: int, repeats: int) -> dict[str, float]:
     def run_local(n: int) -> float:
         return _timed(
             lambda: local.generate(
@@ -103,17 +146,25 @@ def decode_latency(local, client, ids, tokens: int, repeats: int) -> dict[str, f
     def run_swarm(n: int) -> float:
         return _timed(lambda: client.generate(ids, max_new_tokens=n, eos_token_id=[]))
 
-    run_local(4), run_swarm(4)  # warm up both paths
-    local_s, swarm_s = [], []
-    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+    def run_bare(n: int) -> float:
+        return _timed(lambda: bare(ids, n))
+
+    run_local(4), run_swarm(4), run_bare(4)  # warm up every path
+    local_s, swarm_s, bare_s = [], [], []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits all alike
         local_s.append(_median_per_token(run_local, tokens, 1))
         swarm_s.append(_median_per_token(run_swarm, tokens, 1))
+        bare_s.append(_median_per_token(run_bare, tokens, 1))
     local_ms = statistics.median(local_s) * 1e3
     swarm_ms = statistics.median(swarm_s) * 1e3
+    bare_ms = statistics.median(bare_s) * 1e3
     return {
         "local_generate_ms_per_token": round(local_ms, 2),
         "swarm_ms_per_token": round(swarm_ms, 2),
         "swarm_vs_local_ratio": round(swarm_ms / local_ms, 3),
+        "bare_ray_pipeline_ms_per_token": round(bare_ms, 2),
+        "bare_ray_pipeline_vs_local_ratio": round(bare_ms / local_ms, 3),
+        "swarm_vs_bare_ray_pipeline_ratio": round(swarm_ms / bare_ms, 3),
     }
 
 
@@ -364,7 +415,8 @@ def main() -> None:
         "launch_two_swarms_s": round(launch_s, 1),
     }
     if "decode" in only:
-        result["decode"] = decode_latency(local, client, ids, args.tokens, args.repeats)
+        bare = bare_pipeline(args.model, local, 3)
+        result["decode"] = decode_latency(local, client, bare, ids, args.tokens, args.repeats)
     if "concurrency" in only:
         result["concurrency"] = concurrency(client, tokenizer, args.tokens // 2, args.sessions)
         result["concurrency"]["ceiling"] = batching_ceiling(local, args.sessions)
