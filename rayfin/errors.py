@@ -45,3 +45,16 @@ class SessionError(LLMError):
 class SessionNotOpenError(SessionError):
     """A server does not hold the session (closed, expired, or the server restarted);
     the client can reopen it there and replay."""
+
+
+class InvalidMessage(RayfinError, ValueError):
+    """A stream record failed validation. ``reason`` is one word from a fixed vocabulary
+    (:data:`rayfin.stream.validation.REASONS`), ``detail`` says what exactly was wrong."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.reason, self.detail))
