@@ -1,0 +1,218 @@
+"""The feature consumer group on a real broker and a real Ray: exactly one feature row per
+valid input offset through crashes and rebalances, dead letters for bad records, and
+live features equal to the offline engine's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from rayfin.actors.feature_consumer import launch_consumers
+from rayfin.datasets import es_ticks
+from rayfin.features import online_features
+from rayfin.stream.archive import Archive
+from rayfin.stream.consumer import ConsumerConfig
+from rayfin.stream.schemas import Tick, encode
+from rayfin.stream.topics import Topics, ensure_topics
+from rayfin.stream.validation import decode_dead_letter
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 4
+SYMBOLS = ["ESA", "ESB", "ESC", "ESD"]
+# Bad records, by where they go in the stream, and the reason they must be refused for.
+BAD = {5: (b"{not json", "bad_json"), 17: (b'{"symbol":"ESA","ts":1,"price":-1,"size":1}', None)}
+
+
+@pytest.fixture(scope="module")
+def ticks() -> pd.DataFrame:
+    """Real ES trades, cut into four contiguous runs, one per symbol."""
+    frame = es_ticks().iloc[:24_000].reset_index(drop=True)
+    frame["symbol"] = np.repeat(SYMBOLS, len(frame) // len(SYMBOLS))
+    frame["ts"] = frame["timestamp"].dt.as_unit("ns").astype("int64")
+    # Interleave the symbols, as a market does, keeping each symbol's order.
+    frame["seq"] = frame.groupby("symbol").cumcount()
+    return frame.sort_values(["seq", "symbol"], kind="stable").reset_index(drop=True)
+
+
+@pytest.fixture
+def topics(kafka_broker) -> Topics:
+    names = Topics.prefixed(f"t{uuid.uuid4().hex[:8]}.")
+    asyncio.run(
+        ensure_topics(
+            kafka_broker.bootstrap_servers,
+            PARTITIONS,
+            [names.ticks, names.book, names.news, names.dead_letters],
+        )
+    )
+    return names
+
+
+@pytest.fixture
+def group(ray_local: None, kafka_broker, topics: Topics, tmp_path: Path) -> ConsumerConfig:
+    return ConsumerConfig(
+        bootstrap_servers=kafka_broker.bootstrap_servers,
+        archive=str(tmp_path / "archive"),
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        topics=topics,
+        kinds=("ticks",),
+        flush_interval_s=0.2,
+        session_timeout_ms=6_000,
+        heartbeat_interval_ms=500,
+        max_records=2_000,
+    )
+
+
+@pytest.fixture
+def launch(group: ConsumerConfig) -> Iterator:
+    """Start consumers of ``group``; any still alive after the test are killed."""
+    started: list = []
+
+    def start(count: int, prefix: str) -> list:
+        handles = launch_consumers(group, count, num_cpus=0.1, prefix=prefix)
+        started.extend(handles)
+        return handles
+
+    yield start
+    for handle in started:
+        ray.kill(handle)
+
+
+def _produce(config: ConsumerConfig, ticks: pd.DataFrame, start: int, end: int) -> None:
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap_servers, linger_ms=5)
+        await producer.start()
+        try:
+            rows = ticks.iloc[start:end].itertuples()
+            for i, row in enumerate(rows, start=start):
+                tick = Tick(symbol=row.symbol, ts=row.ts, price=float(row.price), size=row.volume)
+                value = BAD[i][0] if i in BAD else encode(tick)
+                await producer.send(config.topics.ticks, value, key=row.symbol.encode())
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _consumed(handles) -> int:
+    total = 0
+    for handle in handles:
+        try:
+            total += sum(ray.get(handle.stats.remote(), timeout=10)["records_in"].values())
+        except ray.exceptions.RayActorError:
+            continue
+    return total
+
+
+def _dead_letters(config: ConsumerConfig) -> list:
+    async def read() -> list:
+        consumer = AIOKafkaConsumer(
+            config.topics.dead_letters,
+            bootstrap_servers=config.bootstrap_servers,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            batches = await consumer.getmany(timeout_ms=3_000)
+            return [decode_dead_letter(r.value) for rs in batches.values() for r in rs]
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def _check_exactly_once(config: ConsumerConfig, ticks: pd.DataFrame) -> pd.DataFrame:
+    """Every valid input offset has exactly one feature row, equal to the offline
+    engine's row for that tick; every bad one a dead letter."""
+    archive = Archive(config.archive)
+    features = archive.read("tick_features").to_pandas()
+    assert not features.duplicated(["partition", "offset"]).any()
+    valid = ticks.drop(index=list(BAD))
+    assert len(features) == len(valid)
+    assert sorted(features["ts"].tolist()) == sorted(valid["ts"].tolist())
+    letters = _dead_letters(config)
+    assert {(letter.topic, letter.reason) for letter in letters} >= {
+        (config.topics.ticks, "bad_json"),
+        (config.topics.ticks, "bad_price"),
+    }
+    # The features a crash-recovered stream computed are those of one uninterrupted pass.
+    expected = online_features(valid[["symbol", "ts", "price", "volume"]])
+    got = features.sort_values(["symbol", "offset"]).reset_index(drop=True)
+    expected = expected.sort_values(["symbol"], kind="stable").reset_index(drop=True)
+    numeric = [c for c in expected.columns if c not in ("symbol", "partition", "offset", "late")]
+    np.testing.assert_allclose(
+        got[numeric].to_numpy(float), expected[numeric].to_numpy(float), rtol=0, atol=1e-9
+    )
+    return features
+
+
+def test_a_killed_consumer_loses_and_duplicates_nothing(
+    group: ConsumerConfig, launch, ticks: pd.DataFrame
+) -> None:
+    half = len(ticks) // 2
+    _produce(group, ticks, 0, half)
+    handles = launch(2, "member")
+    ray.get([h.wait_assigned.remote(60) for h in handles])
+    _wait(lambda: _consumed(handles) > half // 4, 60, "the consumers to make progress")
+    _produce(group, ticks, half, len(ticks))
+    ray.kill(handles[0])  # mid-stream: its buffer and uncommitted offsets are lost
+    _wait(lambda: _consumed(handles[1:]) >= len(ticks) - half // 2, 120, "the survivor")
+    _wait(
+        lambda: (
+            ray.get(handles[1].stats.remote())["buffered_rows"] == 0
+            and _archived(group) == len(ticks) - len(BAD)
+        ),
+        60,
+        "everything to be archived",
+    )
+    stats = ray.get(handles[1].stop.remote())
+    assert stats["rebalances"] >= 2  # joined, then took over the dead member's partitions
+    _check_exactly_once(group, ticks)
+
+
+def _archived(config: ConsumerConfig) -> int:
+    table = Archive(config.archive).read("tick_features", columns=["offset"])
+    return table.num_rows
+
+
+def test_a_joining_consumer_takes_partitions_over(
+    group: ConsumerConfig, launch, ticks: pd.DataFrame
+) -> None:
+    third = len(ticks) // 3
+    _produce(group, ticks, 0, third)
+    (first,) = launch(1, "first")
+    assert len(ray.get(first.wait_assigned.remote(60))) == PARTITIONS
+    _wait(lambda: _consumed([first]) >= third, 60, "the first consumer")
+    (second,) = launch(1, "second")
+    _wait(
+        lambda: (
+            len(ray.get(second.stats.remote())["assigned"]) > 0
+            and len(ray.get(first.stats.remote())["assigned"]) < PARTITIONS
+        ),
+        90,
+        "the rebalance",
+    )
+    _produce(group, ticks, third, len(ticks))
+    _wait(lambda: _archived(group) == len(ticks) - len(BAD), 90, "everything to be archived")
+    final = [ray.get(h.stop.remote()) for h in (first, second)]
+    assert all(sum(s["records_in"].values()) > 0 for s in final)
+    _check_exactly_once(group, ticks)
