@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from rayfin.actors.feature_consumer import launch_consumers
 from rayfin.datasets import es_ticks
-from rayfin.features import online_features
+from rayfin.features import batch_features, online_features
 from rayfin.stream.archive import Archive
 from rayfin.stream.consumer import ConsumerConfig
 from rayfin.stream.schemas import Tick, encode
@@ -215,4 +215,13 @@ def test_a_joining_consumer_takes_partitions_over(
     _wait(lambda: _archived(group) == len(ticks) - len(BAD), 90, "everything to be archived")
     final = [ray.get(h.stop.remote()) for h in (first, second)]
     assert all(sum(s["records_in"].values()) > 0 for s in final)
-    _check_exactly_once(group, ticks)
+    live = _check_exactly_once(group, ticks)
+    # History: the archived raw ticks through Ray Data give the live features again.
+    history = batch_features(Archive(group.archive).dataset("ticks"))
+    live = live.sort_values(["symbol", "offset"]).reset_index(drop=True)
+    history = history.sort_values(["symbol", "ts"], kind="stable").reset_index(drop=True)
+    assert len(history) == len(live)
+    numeric = [c for c in live.columns if c not in ("symbol", "partition", "offset", "late")]
+    np.testing.assert_allclose(
+        history[numeric].to_numpy(float), live[numeric].to_numpy(float), rtol=0, atol=1e-9
+    )

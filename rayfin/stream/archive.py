@@ -198,13 +198,15 @@ class Archive:
         return merged.sort_by(keys) if keys else merged
 
     def dataset(self, table: str) -> Any:
-        """``table``'s committed rows as a Ray Dataset, for training on history."""
+        """``table``'s committed rows as a Ray Dataset in arrival order (by source
+        partition and offset), for training and recomputing features on history."""
         import ray.data
 
         paths = self.committed_files(table)
         if not paths:
             raise ArchiveError(f"the archive at {self.root} has no committed {table!r} rows")
-        return ray.data.read_parquet(paths, filesystem=self.fs, partitioning=None)
+        rows = ray.data.read_parquet(paths, filesystem=self.fs, partitioning=None)
+        return rows.sort(["partition", "offset"])
 
 
 def _split(table: pa.Table) -> Iterable[tuple[str, str, pa.Table]]:

@@ -533,7 +533,11 @@ class _Rebalance(ConsumerRebalanceListener):
         owner = self.owner
         assert owner.pipeline is not None
         owner.rebalances += 1
-        for tp in assigned:
-            start = await asyncio.to_thread(owner.pipeline.assign, tp.topic, tp.partition)
+        starts = {
+            tp: await asyncio.to_thread(owner.pipeline.assign, tp.topic, tp.partition)
+            for tp in assigned
+        }
+        for tp, start in starts.items():
             owner._consumer.seek(tp, start)
-            owner.assigned.add((tp.topic, tp.partition))
+        # All at once: whoever watches ``assigned`` sees the whole assignment.
+        owner.assigned |= {(tp.topic, tp.partition) for tp in assigned}
