@@ -215,6 +215,13 @@ def test_a_joining_consumer_takes_partitions_over(
     _wait(lambda: _archived(group) == len(ticks) - len(BAD), 90, "everything to be archived")
     final = [ray.get(h.stop.remote()) for h in (first, second)]
     assert all(sum(s["records_in"].values()) > 0 for s in final)
+    # The counters: every record read once, each bad one counted by its reason.
+    assert sum(sum(s["records_in"].values()) for s in final) == len(ticks)
+    reasons = [r for s in final for r, n in s["dead_letters"].items() for _ in range(n)]
+    assert sorted(reasons) == sorted(
+        f"{group.topics.ticks}/{why}" for why in ("bad_json", "bad_price")
+    )
+    assert all(set(s["latency_ms"]) == {"p50", "p90", "p99"} for s in final)
     live = _check_exactly_once(group, ticks)
     # History: the archived raw ticks through Ray Data give the live features again.
     history = batch_features(Archive(group.archive).dataset("ticks"))
