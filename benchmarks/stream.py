@@ -125,7 +125,6 @@ def consumer_config(servers: str, root: Path, topics: Topics, group: str) -> Con
         group_id=group,
         topics=topics,
         kinds=("ticks",),
-        session_timeout_ms=10_000,
     )
 
 

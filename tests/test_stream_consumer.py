@@ -5,6 +5,7 @@ live features equal to the offline engine's."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from rayfin.actors.feature_consumer import launch_consumers
 from rayfin.datasets import es_ticks
 from rayfin.features import batch_features, online_features
 from rayfin.stream.archive import Archive
-from rayfin.stream.consumer import ConsumerConfig
+from rayfin.stream.consumer import RAW_TABLE, ConsumerConfig
 from rayfin.stream.schemas import Tick, encode
+from rayfin.stream.simulate import simulate
 from rayfin.stream.topics import Topics, ensure_topics
 from rayfin.stream.validation import decode_dead_letter
 
@@ -232,3 +234,35 @@ def test_a_joining_consumer_takes_partitions_over(
     np.testing.assert_allclose(
         history[numeric].to_numpy(float), live[numeric].to_numpy(float), rtol=0, atol=1e-9
     )
+
+
+def test_simulated_books_and_news_are_archived_too(group: ConsumerConfig, topics: Topics) -> None:
+    stats = asyncio.run(
+        simulate(group.bootstrap_servers, 3, None, 11, messages=3_000, topic_prefix=_prefix(topics))
+    )
+    sent = stats.counts
+    config = dataclasses.replace(group, kinds=("ticks", "book", "news"))
+    (member,) = launch_consumers(config, 1, num_cpus=0.1, prefix="all")
+    try:
+        archive = Archive(config.archive)
+        _wait(
+            lambda: (
+                {t: archive.read(t, columns=["offset"]).num_rows for t in RAW_TABLE.values()}
+                == {t: sent[getattr(topics, kind)] for kind, t in RAW_TABLE.items()}
+            ),
+            90,
+            "every record of every topic to be archived",
+        )
+        ray.get(member.stop.remote())
+    finally:
+        ray.kill(member)
+    books = archive.read("book_features").to_pandas()
+    assert len(books) == sent[topics.book]
+    assert not books.duplicated(["partition", "offset"]).any()
+    quoted = books.dropna(subset=["best_bid", "best_ask"])
+    assert (quoted["best_bid"] < quoted["best_ask"]).all()
+    assert archive.read("tick_features").num_rows == sent[topics.ticks]
+
+
+def _prefix(topics: Topics) -> str:
+    return topics.ticks.removesuffix(Topics().ticks)

@@ -153,8 +153,13 @@ class DistributedCausalLM:
                 hidden.append(self.embed(input_ids))
             except Exception as exc:
                 hidden.append(exc)
-        to_blocks = [(s.blocks, h) for (s, _), h in zip(steps, hidden, strict=True)]
-        outputs = step_together([(b, h) for b, h in to_blocks if isinstance(h, torch.Tensor)])
+        outputs = step_together(
+            [
+                (session.blocks, h)
+                for (session, _), h in zip(steps, hidden, strict=True)
+                if isinstance(h, torch.Tensor)
+            ]
+        )
         ordered = iter(outputs)
         states = [h if isinstance(h, BaseException) else next(ordered) for h in hidden]
         ready = [o for o in states if isinstance(o, torch.Tensor)]

@@ -60,7 +60,6 @@ class Checkpoint(msgspec.Struct, frozen=True):
 
 @dataclass(frozen=True, slots=True)
 class ArchivedFile:
-    table: str
     path: str
     topic: str
     partition: int
@@ -159,7 +158,6 @@ class Archive:
             if match:
                 found.append(
                     ArchivedFile(
-                        table,
                         info.path,
                         match["topic"],
                         int(match["partition"]),

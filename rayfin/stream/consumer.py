@@ -2,9 +2,9 @@
 
 :class:`FeaturePipeline` is the consumer's logic without the network: it validates a
 partition's micro-batch (bad records become dead letters), computes features with one
-engine per partition, and buffers rows until :meth:`FeaturePipeline.flush` writes them
-to the :class:`~rayfin.stream.archive.Archive` with the partition's checkpoint.
-:func:`consume` drives it from an aiokafka consumer group: offsets are committed only
+engine per partition, and buffers rows until a :meth:`FeaturePipeline.cut` of them is
+written to the :class:`~rayfin.stream.archive.Archive` with the partition's checkpoint.
+:class:`StreamConsumer` drives it from an aiokafka consumer group: offsets are committed only
 after the rows and dead letters they cover are durably written (at-least-once delivery),
 and records at or below the archive's mark are skipped, so a replay after a crash writes
 nothing twice (effectively exactly-once).
@@ -38,7 +38,10 @@ from rayfin.stream.validation import dead_letter, decode_ticks, encode_dead_lett
 # Archive tables written per kind of source topic: raw records, and features where any.
 RAW_TABLE = {"ticks": "ticks", "book": "book", "news": "news"}
 FEATURE_TABLE = {"ticks": "tick_features", "book": "book_features"}
-BOOK_LEVELS = 5
+ENGINES: dict[str, type[TickFeatureEngine] | type[BookFeatureEngine]] = {
+    "ticks": TickFeatureEngine,
+    "book": BookFeatureEngine,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +76,6 @@ class _Partition:
     kind: str
     partition: int
     engine: TickFeatureEngine | BookFeatureEngine | None
-    hwm: int  # highest offset in the archive
     last: int  # highest offset processed (archived or buffered)
     cut_to: int  # highest offset handed to a write (done or in flight)
     raw: list[pa.Table] = field(default_factory=list)
@@ -109,21 +111,14 @@ class FeaturePipeline:
         kind = self.config.topics.kind(topic)
         tables = [RAW_TABLE[kind]] + ([FEATURE_TABLE[kind]] if kind in FEATURE_TABLE else [])
         checkpoint = self.archive.recover(topic, partition, tables)
-        engine: TickFeatureEngine | BookFeatureEngine | None = None
-        if kind == "ticks":
+        engine = None
+        if (engine_cls := ENGINES.get(kind)) is not None:
+            spec = self.config.spec
             engine = (
-                TickFeatureEngine.restore(self.config.spec, checkpoint.state)
-                if checkpoint.state
-                else TickFeatureEngine(self.config.spec)
-            )
-        elif kind == "book":
-            engine = (
-                BookFeatureEngine.restore(self.config.spec, checkpoint.state)
-                if checkpoint.state
-                else BookFeatureEngine(self.config.spec)
+                engine_cls.restore(spec, checkpoint.state) if checkpoint.state else engine_cls(spec)
             )
         self.partitions[(topic, partition)] = _Partition(
-            topic, kind, partition, engine, checkpoint.hwm, checkpoint.hwm, checkpoint.hwm
+            topic, kind, partition, engine, checkpoint.hwm, checkpoint.hwm
         )
         return checkpoint.hwm + 1
 
@@ -172,20 +167,18 @@ class FeaturePipeline:
             return 0
         offsets = np.fromiter((records[i].offset for i in index), np.int64, len(index))
         stamps_ms = np.asarray(stamps, dtype=np.int64)[index]
-        frames = []
         symbols = columns["symbol"]
-        for symbol in dict.fromkeys(symbols.tolist()):
-            rows = np.flatnonzero(symbols == symbol)
-            frames.append(
-                state.engine.update_arrays(  # type: ignore[union-attr]
-                    symbol,
-                    columns["ts"][rows],
-                    columns["price"][rows],
-                    columns["size"][rows].astype(np.float64),
-                    offsets=offsets[rows],
-                    partition=state.partition,
-                )
+        frames = [
+            state.engine.update_arrays(  # type: ignore[union-attr]
+                symbol,
+                columns["ts"][rows],
+                columns["price"][rows],
+                columns["size"][rows].astype(np.float64),
+                offsets=offsets[rows],
+                partition=state.partition,
             )
+            for symbol, rows in _by_symbol(symbols)
+        ]
         raw = pa.table(
             {
                 "symbol": symbols,
@@ -218,23 +211,22 @@ class FeaturePipeline:
         stamps_ms = np.array([r.timestamp for r in kept], dtype=np.int64)
         symbols = np.array([b.symbol for b in books], dtype=str)
         ts = np.array([b.ts for b in books], dtype=np.int64)
-        bid_px, bid_sz = _levels([b.bids for b in books])
-        ask_px, ask_sz = _levels([b.asks for b in books])
-        frames = []
-        for symbol in dict.fromkeys(symbols.tolist()):
-            rows = np.flatnonzero(symbols == symbol)
-            frames.append(
-                state.engine.update_arrays(  # type: ignore[union-attr]
-                    symbol,
-                    ts[rows],
-                    bid_px[rows],
-                    bid_sz[rows],
-                    ask_px[rows],
-                    ask_sz[rows],
-                    offsets=offsets[rows],
-                    partition=state.partition,
-                )
+        depth = self.config.spec.book_depth
+        bid_px, bid_sz = _levels([b.bids for b in books], depth)
+        ask_px, ask_sz = _levels([b.asks for b in books], depth)
+        frames = [
+            state.engine.update_arrays(  # type: ignore[union-attr]
+                symbol,
+                ts[rows],
+                bid_px[rows],
+                bid_sz[rows],
+                ask_px[rows],
+                ask_sz[rows],
+                offsets=offsets[rows],
+                partition=state.partition,
             )
+            for symbol, rows in _by_symbol(symbols)
+        ]
         raw = pa.table(
             {
                 "symbol": symbols,
@@ -252,7 +244,10 @@ class FeaturePipeline:
         items: list[tuple[Any, News]] = []
         for record in records:
             try:
-                items.append((record, validate(NEWS_TOPIC, record.value, record.timestamp)))  # type: ignore[arg-type]
+                news = validate(
+                    NEWS_TOPIC, record.value, record.timestamp, max_skew_ns=self.config.max_skew_ns
+                )
+                items.append((record, news))  # type: ignore[arg-type]
             except InvalidMessage as exc:
                 self._reject(state, record, exc)
         if not items:
@@ -356,15 +351,8 @@ class FeaturePipeline:
                 # the group); its rows are that member's to write.
                 self.partitions.pop(cut.key, None)
                 continue
-            state = self.partitions.get(cut.key)
-            if state is not None:
-                state.hwm = max(state.hwm, cut.last)
             safe[cut.key] = cut.last + 1
         return safe
-
-    async def flush(self, only: set[tuple[str, int]] | None = None) -> dict[tuple[str, int], int]:
-        """:meth:`cut` and :meth:`write` at once."""
-        return await self.write(self.cut(only))
 
 
 @dataclass(slots=True)
@@ -386,13 +374,18 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _levels(sides: list[list[tuple[float, int]]]) -> tuple[np.ndarray, np.ndarray]:
-    """Book sides as ``[n, BOOK_LEVELS]`` price and size arrays; missing levels are NaN
-    prices and zero sizes."""
-    prices = np.full((len(sides), BOOK_LEVELS), np.nan)
-    sizes = np.zeros((len(sides), BOOK_LEVELS))
+def _by_symbol(symbols: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Each symbol of a batch, in order of first appearance, with its rows in order."""
+    return [(s, np.flatnonzero(symbols == s)) for s in dict.fromkeys(symbols.tolist())]
+
+
+def _levels(sides: list[list[tuple[float, int]]], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Book sides as ``[n, depth]`` price and size arrays (the feature spec's book depth);
+    missing levels are NaN prices and zero sizes."""
+    prices = np.full((len(sides), depth), np.nan)
+    sizes = np.zeros((len(sides), depth))
     for i, levels in enumerate(sides):
-        for j, (price, size) in enumerate(levels[:BOOK_LEVELS]):
+        for j, (price, size) in enumerate(levels[:depth]):
             prices[i, j] = price
             sizes[i, j] = size
     return prices, sizes
