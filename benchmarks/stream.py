@@ -118,13 +118,30 @@ def archived(archive: Archive, topics: Topics, partitions: int) -> int:
     return sum(archive.checkpoint(topics.ticks, p).hwm + 1 for p in range(partitions))
 
 
-def consumer_config(servers: str, root: Path, topics: Topics, group: str) -> ConsumerConfig:
+def wait_archived(member: Any, archive: Archive, topics: Topics, expected: int) -> None:
+    """Sleep until the archive holds ``expected`` ticks; fail with the consumer's stats
+    when it stops making progress for 60 s."""
+    seen, progressed = 0, time.monotonic()
+    while (count := archived(archive, topics, 1)) < expected:
+        if count > seen:
+            seen, progressed = count, time.monotonic()
+        elif time.monotonic() - progressed > 60:
+            stats = ray.get(member.stats.remote())
+            raise RuntimeError(f"the archive is stuck at {count:,} of {expected:,}: {stats}")
+        time.sleep(0.01)
+
+
+def consumer_config(
+    servers: str, root: Path, topics: Topics, group: str, fetch_max_wait_ms: int | None = None
+) -> ConsumerConfig:
+    waits = {} if fetch_max_wait_ms is None else {"fetch_max_wait_ms": fetch_max_wait_ms}
     return ConsumerConfig(
         bootstrap_servers=servers,
         archive=str(root),
         group_id=group,
         topics=topics,
         kinds=("ticks",),
+        **waits,
     )
 
 
@@ -137,8 +154,7 @@ def end_to_end(servers: str, root: Path, ticks: list[Tick]) -> dict[str, Any]:
     (member,) = launch_consumers(consumer_config(servers, root / "e2e", topics, "bench-e2e"), 1)
     ray.get(member.wait_assigned.remote(60))
     started = time.perf_counter()
-    while archived(archive, topics, 1) < len(ticks):
-        time.sleep(0.01)
+    wait_archived(member, archive, topics, len(ticks))
     elapsed = time.perf_counter() - started
     stats = ray.get(member.stop.remote())
     e2e = len(ticks) / elapsed
@@ -152,10 +168,12 @@ def end_to_end(servers: str, root: Path, ticks: list[Tick]) -> dict[str, Any]:
     }
 
 
-def latency(servers: str, root: Path, ticks: list[Tick], rate: float) -> dict[str, Any]:
+def latency(
+    servers: str, root: Path, ticks: list[Tick], rate: float, fetch_max_wait_ms: int | None
+) -> dict[str, Any]:
     topics = Topics.prefixed("lat.")
     asyncio.run(ensure_topics(servers, 1, topics.all))
-    config = consumer_config(servers, root / "lat", topics, "bench-lat")
+    config = consumer_config(servers, root / "lat", topics, "bench-lat", fetch_max_wait_ms)
     (member,) = launch_consumers(config, 1)
     ray.get(member.wait_assigned.remote(60))
     # Warm up the consumer's code paths, then measure only the paced run.
@@ -163,9 +181,7 @@ def latency(servers: str, root: Path, ticks: list[Tick], rate: float) -> dict[st
     time.sleep(1.0)
     ray.get(member.reset_latency.remote())
     offered = asyncio.run(produce(servers, topics.ticks, ticks[2_000:], rate))
-    archive = Archive(str(root / "lat"))
-    while archived(archive, topics, 1) < len(ticks):
-        time.sleep(0.05)
+    wait_archived(member, Archive(str(root / "lat")), topics, len(ticks))
     stats = ray.get(member.stop.remote())
     floor = asyncio.run(raw_latency(config, topics.book, ticks[2_000:], rate))
     return {
@@ -182,6 +198,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--rate", type=float, default=20_000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--fetch-max-wait-ms", type=int, default=None)
+    parser.add_argument("--only", choices=("throughput", "latency"), default=None)
     args = parser.parse_args()
     frame = es_ticks()
     ticks = frame_to_ticks(frame.iloc[: args.messages])
@@ -196,8 +214,12 @@ def main() -> None:
             "benchmark": "stream",
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         }
-        result["throughput"] = end_to_end(broker.bootstrap_servers, root, ticks)
-        result["latency"] = latency(broker.bootstrap_servers, root, paced, args.rate)
+        if args.only in (None, "throughput"):
+            result["throughput"] = end_to_end(broker.bootstrap_servers, root, ticks)
+        if args.only in (None, "latency"):
+            result["latency"] = latency(
+                broker.bootstrap_servers, root, paced, args.rate, args.fetch_max_wait_ms
+            )
     print(json.dumps(result, indent=2))
 
 

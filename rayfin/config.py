@@ -106,6 +106,16 @@ class DatabaseSettings(_Section):
     url: str | None = Field(None, description="defaults to sqlite:///<state_dir>/rayfin.db")
 
 
+class StreamSettings(_Section):
+    """The feature consumer group: where it archives and which topics it reads."""
+
+    archive: str | None = Field(
+        None, description="Parquet archive, a path or s3:// URI; defaults to <state_dir>/archive"
+    )
+    group_id: str = "rayfin-features"
+    topic_prefix: str = Field("", description="prefix of the topic names, e.g. 'dev.'")
+
+
 class Settings(BaseSettings):
     """rayfin configuration. Build with :func:`get_settings` rather than directly."""
 
@@ -121,6 +131,7 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @field_validator("cache_dir", "state_dir")
     @classmethod
@@ -134,6 +145,8 @@ class Settings(BaseSettings):
             self.models.cache_dir = self.cache_dir / "models"
         if self.database.url is None:
             self.database.url = f"sqlite:///{self.state_dir / 'rayfin.db'}"
+        if self.stream.archive is None:
+            self.stream.archive = str(self.state_dir / "archive")
         return self
 
     @classmethod

@@ -66,22 +66,16 @@ def _kafka(console: Console) -> Iterator[str]:
 def _ray(console: Console) -> Iterator[None]:
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
-    settings = get_settings().ray
-    ray.init(
-        address=settings.address,
-        num_cpus=settings.num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    console.print(f"started Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
+    from rayfin.cluster import ensure_ray
+
+    started = ensure_ray()
+    if started:
+        console.print(f"started Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
     try:
         yield
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def _bars_frame(bars: list[Bar]) -> pd.DataFrame:

@@ -6,6 +6,7 @@ Enable them with ``pytest_plugins = ["rayfin.testing"]`` in a ``conftest.py``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -83,11 +84,64 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedB
     broker.stop()
 
 
+@dataclass(frozen=True)
+class S3Server:
+    """A local S3-compatible endpoint (moto's server) for the code paths that take an
+    ``s3://`` URI: the stream archive and the model registry."""
+
+    endpoint: str  # host:port
+
+    def uri(self, bucket: str, path: str = "") -> str:
+        """An ``s3://`` URI that pyarrow (and so rayfin) resolves against this server,
+        credentials and options included, so Ray workers need no environment."""
+        options = (
+            f"endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+            "&allow_bucket_creation=true"
+        )
+        return f"s3://testing:testing@{bucket}/{path}?{options}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on a free port, for the session (tests use their own buckets)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3Server(f"127.0.0.1:{port}")
+    server.stop()
+
+
+_metrics_port: int | None = None
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """A local Ray instance for the session (2 CPUs, no dashboard)."""
+    """A local Ray instance for the session (2 CPUs, no dashboard), exporting its metrics
+    for Prometheus every second (see :func:`ray_metrics_url`)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    global _metrics_port
+    _metrics_port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _metrics_export_port=_metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield
     ray.shutdown()
+    _metrics_port = None
+
+
+@pytest.fixture
+def ray_metrics_url(ray_local: None) -> str:
+    """The Prometheus endpoint of :func:`ray_local`'s node."""
+    assert _metrics_port is not None
+    return f"http://127.0.0.1:{_metrics_port}/metrics"

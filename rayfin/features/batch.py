@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from rayfin.cluster import ensure_ray
 from rayfin.features.engine import TickFeatureEngine, typed_frame
 from rayfin.features.online import tick_frame
 from rayfin.features.spec import FeatureSpec
@@ -115,8 +116,7 @@ def batch_features(
 
     spec = spec if spec is not None else FeatureSpec()
     columns = spec.tick_columns()
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     with _ordered_sort_shuffle():
         symbols = 0  # unknown for a Dataset until it runs
         if isinstance(ticks, ray.data.Dataset):

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-# Latency buckets in milliseconds, from produce time to feature emitted.
-LATENCY_BUCKETS_MS = [0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000, 5000]
+# Latency buckets in seconds (Prometheus' base unit), from produce time to feature emitted.
+LATENCY_BUCKETS_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]
 # Latencies kept for exact percentiles: the most recent ones.
 _KEEP = 1_000_000
 
@@ -64,7 +64,9 @@ class StreamMetrics:
         if self._ray:
             # One observation per batch with its median keeps the exporter cheap at
             # 50k records/s; exact percentiles are in stats().
-            self._ray.latency.observe(float(np.median(values_ms)), tags={"consumer": self.consumer})
+            self._ray.latency.observe(
+                float(np.median(values_ms)) / 1e3, tags={"consumer": self.consumer}
+            )
 
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self.lag[(topic, partition)] = lag
@@ -121,9 +123,10 @@ class _RayMetrics:
             tag_keys=("topic", "reason", "consumer"),
         )
         self.latency = metrics.Histogram(
-            "rayfin_stream_latency_ms",
-            description="Milliseconds from a record's produce time to its features.",
-            boundaries=LATENCY_BUCKETS_MS,
+            "rayfin_stream_latency_seconds",
+            description="Seconds from a record's produce time to its features (one "
+            "observation per micro-batch: its median).",
+            boundaries=LATENCY_BUCKETS_S,
             tag_keys=("consumer",),
         )
         self.lag = metrics.Gauge(

@@ -1,0 +1,127 @@
+"""``rayfin consume``: run the feature consumer group on Ray until Ctrl-C (or a deadline)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from rayfin.cli.console import console, fail, run_guarded
+
+KINDS = ("ticks", "book", "news")
+
+
+def _kinds(value: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if not kinds or unknown:
+        raise typer.BadParameter(f"expected a comma-separated subset of {', '.join(KINDS)}")
+    return kinds
+
+
+def consume(
+    consumers: Annotated[
+        int, typer.Option(min=1, max=256, help="Consumer actors to start in the group.")
+    ] = 1,
+    kinds: Annotated[str, typer.Option(help="Topics to read: ticks, book, news.")] = ",".join(
+        KINDS
+    ),
+    archive: Annotated[
+        str | None, typer.Option(help="Parquet archive, a path or s3:// URI [stream.archive].")
+    ] = None,
+    group: Annotated[str | None, typer.Option(help="Consumer group id [stream.group_id].")] = None,
+    topic_prefix: Annotated[
+        str | None, typer.Option(help="Prefix of the topic names [stream.topic_prefix].")
+    ] = None,
+    seconds: Annotated[
+        float | None, typer.Option(min=0.0, help="Stop after this many seconds.")
+    ] = None,
+    num_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs reserved per actor.")] = 0.5,
+) -> None:
+    """Compute live features from the market topics into the Parquet archive.
+
+    Starts CONSUMERS actors in one Kafka consumer group on the configured Ray cluster (a
+    local one when none is set); run the command again elsewhere to add members, and the
+    partitions rebalance. Ctrl-C (or --seconds) flushes, commits and leaves the group.
+    """
+    from rayfin.actors.feature_consumer import launch_consumers
+    from rayfin.cluster import ensure_ray
+    from rayfin.config import get_settings
+    from rayfin.stream.consumer import ConsumerConfig
+    from rayfin.stream.topics import Topics
+
+    settings = run_guarded(get_settings)
+    stream = settings.stream
+    config = ConsumerConfig(
+        bootstrap_servers=run_guarded(settings.broker.resolved_bootstrap_servers),
+        archive=archive or str(stream.archive),
+        group_id=group or stream.group_id,
+        topics=Topics.prefixed(stream.topic_prefix if topic_prefix is None else topic_prefix),
+        kinds=_kinds(kinds),
+    )
+    started_ray = run_guarded(ensure_ray)
+    import ray
+
+    try:
+        console.print(
+            f"starting {consumers} consumer(s) in group {config.group_id!r} on "
+            f"{config.bootstrap_servers}, archiving to {config.archive}"
+        )
+        members = run_guarded(
+            launch_consumers, config, consumers, num_cpus=num_cpus, prefix=config.group_id
+        )
+        stopped_by = _watch(members, seconds)
+        final = [ray.get(m.stop.remote()) for m in members]
+        _report(final, stopped_by)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _watch(members: list[Any], seconds: float | None) -> str:
+    """Print the group's progress every second until ``seconds`` pass or Ctrl-C."""
+    import ray
+
+    deadline = None if seconds is None else time.monotonic() + seconds
+    last_in, last_t = 0, time.monotonic()
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, (deadline or float("inf")) - time.monotonic())))
+            try:
+                stats = ray.get([m.stats.remote() for m in members], timeout=30)
+            except ray.exceptions.RayError as exc:
+                raise fail(f"a consumer failed: {exc}") from None
+            total_in = sum(sum(s["records_in"].values()) for s in stats)
+            now = time.monotonic()
+            rate = (total_in - last_in) / max(now - last_t, 1e-9)
+            last_in, last_t = total_in, now
+            lag = sum(sum(s["lag"].values()) for s in stats)
+            assigned = sum(len(s["assigned"]) for s in stats)
+            console.print(
+                f"{total_in:,} records ({rate:,.0f}/s), lag {lag:,}, "
+                f"{assigned} partitions, p50 {_p50(stats)}"
+            )
+    except KeyboardInterrupt:
+        console.print("stopping: flushing, committing and leaving the group")
+        return "Ctrl-C"
+    return "deadline"
+
+
+def _p50(stats: list[dict[str, Any]]) -> str:
+    values = [s["latency_ms"]["p50"] for s in stats if s["latency_ms"]]
+    return f"{max(values):.1f} ms" if values else "-"
+
+
+def _report(final: list[dict[str, Any]], stopped_by: str) -> None:
+    table = Table("consumer", "records in", "feature rows", "dead letters")
+    for index, stats in enumerate(final):
+        table.add_row(
+            str(index),
+            f"{sum(stats['records_in'].values()):,}",
+            f"{sum(stats['features_out'].values()):,}",
+            f"{sum(stats['dead_letters'].values()):,}",
+        )
+    console.print(table)
+    console.print(f"stopped by {stopped_by}; everything read is archived and committed")
