@@ -58,3 +58,28 @@ class InvalidMessage(RayfinError, ValueError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return (type(self), (self.reason, self.detail))
+
+
+class TrainingError(RayfinError, ValueError):
+    """A market model cannot be trained from the given data or settings."""
+
+
+class ModelInputError(RayfinError, ValueError):
+    """Feature rows lack what a market model needs to score them."""
+
+
+class RegistryError(RayfinError):
+    """The model registry could not be read or written."""
+
+
+class ModelNotFoundError(RegistryError, LookupError):
+    """No registered model, version or alias of that name."""
+
+
+class RollbackError(RegistryError):
+    """An alias has no earlier promotion to roll back to."""
+
+
+class TradingError(RayfinError, ValueError):
+    """A trading input is invalid: a signal, order, fill, instrument, or a ledger query or
+    database the ledger cannot use."""

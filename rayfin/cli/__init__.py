@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from rayfin import __version__
-from rayfin.cli import broker, data, demo, llm, market, models, stream
+from rayfin.cli import broker, data, demo, llm, market, models, stream, trading
 from rayfin.cli.console import console, run_guarded
 from rayfin.config import CONFIG_ENV_VAR
 
@@ -29,6 +29,8 @@ app.command("demo")(demo.demo)
 app.add_typer(market.replay_app, name="replay")
 app.command("simulate")(market.simulate)
 app.command("consume")(stream.consume)
+app.command("train")(trading.train)
+app.command("backtest")(trading.backtest)
 
 config_app = typer.Typer(help="Inspect the configuration in force.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
