@@ -14,12 +14,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from rayfin.errors import TradingError
-from rayfin.trading.execution import SimulatedBroker
+from rayfin.trading.engine import TradingConfig, TradingEngine
 from rayfin.trading.ledger import Ledger, LedgerBatch
-from rayfin.trading.orders import Decision, Instruments, Signal, SourceKey
+from rayfin.trading.orders import Signal, SourceKey
 from rayfin.trading.pnl import Portfolio
-from rayfin.trading.risk import RiskLimits, RiskManager
-from rayfin.trading.strategy import StrategyConfig, ThresholdStrategy
+from rayfin.trading.risk import RiskLimits
+from rayfin.trading.strategy import StrategyConfig
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = 1_704_205_800 * 10**9
@@ -37,67 +37,43 @@ class Session:
 
 
 def run_session(ticks: int = 600, batch_size: int = 50, seed: int = 10) -> Session:
-    """Drive ticks through strategy → risk → broker → portfolio, cutting ledger batches
-    the way the live path does. Prices walk on the 0.25 grid; probabilities are seeded."""
+    """Drive ticks through the trading engine (strategy → risk → broker → portfolio), a
+    ledger batch per micro-batch as the live path cuts them. Prices walk on the 0.25
+    grid; probabilities are seeded."""
     rng = random.Random(seed)
-    instruments = Instruments()
-    session = Session(portfolio=Portfolio(1_000_000.0, instruments))
-    portfolio = session.portfolio
-    broker = SimulatedBroker(instruments)
-    risk = RiskManager(
-        RiskLimits(
-            stop_loss=8.0,
-            take_profit=12.0,
-            max_notional_total=2_500_000.0,
-            max_orders=3,
-            reduce_drawdown=0.002,
-            resume_drawdown=0.0015,
-            max_drawdown=0.5,
+    engine = TradingEngine(
+        TradingConfig(
+            strategy=StrategyConfig(threshold=0.6, max_quantity=3, scale_by_confidence=True),
+            limits=RiskLimits(
+                stop_loss=8.0,
+                take_profit=12.0,
+                max_notional_total=2_500_000.0,
+                max_orders=3,
+                reduce_drawdown=0.002,
+                resume_drawdown=0.0015,
+                max_drawdown=0.5,
+            ),
+            initial_cash=1_000_000.0,
+            record_holds=True,
         )
     )
-    strategy = ThresholdStrategy(
-        StrategyConfig(threshold=0.6, max_quantity=3, scale_by_confidence=True)
-    )
+    session = Session(portfolio=engine.portfolio)
     prices = {s: p for s, (p, _) in SYMBOLS.items()}
     offsets = dict.fromkeys(SYMBOLS, 0)
     ts = T0
-    batch: dict[str, list] = {k: [] for k in ("decisions", "orders", "fills", "positions")}
+    signals: list[Signal] = []
     for i in range(ticks):
         symbol = rng.choice(list(SYMBOLS))
         prices[symbol] += 0.25 * rng.randint(-6, 6)
         ts += rng.randint(1, 400_000_000)
         source = SourceKey("ticks", SYMBOLS[symbol][1], offsets[symbol])
         offsets[symbol] += 1
-        price = prices[symbol]
-
-        fills = broker.on_tick(symbol, ts, price)
-        for f in fills:
-            portfolio.apply(f)
-        portfolio.mark(symbol, price, ts)
-        for o in risk.on_mark(portfolio, {symbol: price}, ts, source, broker.pending()):
-            broker.submit(o)
-            batch["orders"].append(o)
         weights = [rng.random() ** 3 for _ in range(3)]
         probs = tuple(w / sum(weights) for w in weights)
-        sig = Signal(symbol, ts, price, probs, source)  # type: ignore[arg-type]
-        held = portfolio.quantity(symbol) + broker.pending_quantity(symbol)
-        proposal = strategy.decide(sig, held)
-        if proposal.order is None:
-            assert proposal.reason is not None
-            batch["decisions"].append(Decision.hold(sig, proposal.reason, risk.state))
-        else:
-            check = risk.check(proposal.order, portfolio, price, ts, broker.pending())
-            batch["decisions"].append(
-                Decision.checked(sig, proposal.order, check.reason, risk.state)
-            )
-            if check.accepted:
-                broker.submit(proposal.order)
-                batch["orders"].append(proposal.order)
-        batch["fills"].extend(fills)
-        batch["positions"].append(portfolio.position(symbol))
+        signals.append(Signal(symbol, ts, prices[symbol], probs, source))  # type: ignore[arg-type]
         if (i + 1) % batch_size == 0 or i + 1 == ticks:
-            session.batches.append(LedgerBatch(**batch, risk_events=risk.new_events()))
-            batch = {k: [] for k in batch}
+            session.batches.append(engine.on_signals(signals))
+            signals = []
     session.prices = prices
     session.last_ts = ts
     return session

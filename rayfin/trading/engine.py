@@ -96,8 +96,8 @@ class TradingEngine:
                 if check.accepted:
                     broker.submit(proposal.order)
                     orders.append(proposal.order)
-            if filled or symbol in positions:
-                positions[symbol] = portfolio.position(symbol)
+            # The ledger keeps each symbol's current position, marked at its last tick.
+            positions[symbol] = portfolio.position(symbol)
         batch = LedgerBatch(
             decisions=decisions,
             orders=orders,
