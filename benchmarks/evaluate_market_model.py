@@ -18,7 +18,6 @@ Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -102,17 +101,16 @@ def main() -> None:
     started = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     ticks = es_ticks(args.rows)
-    # Ray Tune prints its experiment banners to stdout, which must hold only the JSON.
-    with contextlib.redirect_stdout(sys.stderr):
-        ev = walk_forward(
-            ticks,
-            label_spec=LabelSpec(horizon_ticks=args.horizon_ticks, threshold=args.threshold),
-            folds=args.folds,
-            train_fraction=args.train_fraction,
-            embargo_seconds=args.embargo_seconds,
-            num_threads=args.num_threads,
-            seed=args.seed,
-        )
+    # Training moves Ray Tune's banners to stderr, so stdout holds only the JSON.
+    ev = walk_forward(
+        ticks,
+        label_spec=LabelSpec(horizon_ticks=args.horizon_ticks, threshold=args.threshold),
+        folds=args.folds,
+        train_fraction=args.train_fraction,
+        embargo_seconds=args.embargo_seconds,
+        num_threads=args.num_threads,
+        seed=args.seed,
+    )
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {
         "benchmark": "evaluate_market_model",

@@ -53,6 +53,7 @@ def _connect(*, start_local: bool) -> str:
 
     import ray
 
+    from rayfin.cluster import connect_ray
     from rayfin.config import get_settings
 
     settings = run_guarded(get_settings).ray
@@ -66,15 +67,7 @@ def _connect(*, start_local: bool) -> str:
         except OSError as exc:
             raise fail(f"no Ray cluster answers at {address} ({exc}); {hint}") from None
     try:
-        if address is None:
-            ray.init(
-                num_cpus=settings.num_cpus,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        connect_ray(address)
     except ConnectionError as exc:
         raise fail(
             f"cannot join a Ray cluster ({exc}); {hint}. If the cluster uses token "
