@@ -1,15 +1,21 @@
 """What scoring and deciding add per live micro-batch, against the feature work already
 done for it, all in one run. Prints one JSON object.
 
-On real ES ticks, in micro-batches of ``--batch`` rows (1,000 by default), with a model
-trained here on the first ``--train`` ticks:
+On real ES ticks, in micro-batches of ``--batch`` rows (1,000 by default) handed over as
+the stream hands them to the trader (column arrays), with models trained here on the first
+``--train`` ticks:
 
 - baseline: the live feature engine's time per batch (what the consumer does anyway);
 - the LightGBM booster alone on a ready float matrix (the floor of scoring);
 - ``Model.predict_proba`` on engine feature rows (inputs built, checked, scored);
-- scoring plus deciding: :meth:`Trader.on_features` (score, strategy, risk, simulated
-  broker, portfolio; no database) and the same with the SQLite ledger written per batch;
-- rows/s of batched scoring, and p50/p99 milliseconds per batch of each step.
+- scoring plus deciding, :meth:`Trader.on_features` (score, strategy, risk, simulated
+  broker, portfolio; no database), twice: with the default configuration (threshold 0.7,
+  which this model never reaches: every tick takes the engine's idle fast path), and with
+  a model fitted to be confident plus a threshold of 0.501, so that it trades all the time
+  (orders, fills, stops, every tick through the full chain while a position is open);
+- the live trader (:class:`~rayfin.trading.live.LiveTrader`): the active case plus the
+  SQLite ledger batch and checkpoint written per micro-batch;
+- rows/s of batched scoring, and p50/p90/p99 milliseconds per batch of each step.
 
 Goal: scoring and deciding add at most 2 ms at p99 per batch of 1,000 ticks.
 
@@ -33,10 +39,14 @@ import numpy as np
 from rayfin.datasets import es_ticks
 from rayfin.features import TickFeatureEngine, online_features
 from rayfin.features.online import tick_frame
+from rayfin.trading.backtest import micro_batches
 from rayfin.trading.engine import Trader, TradingConfig, TradingEngine
 from rayfin.trading.inputs import input_arrays
+from rayfin.trading.labels import LabelSpec
 from rayfin.trading.ledger import Ledger
+from rayfin.trading.live import LiveTrader
 from rayfin.trading.registry import ModelRegistry
+from rayfin.trading.risk import RiskLimits
 from rayfin.trading.strategy import StrategyConfig
 from rayfin.trading.training import SearchSpace, train_model
 
@@ -63,18 +73,29 @@ def main() -> None:
     args = parser.parse_args()
     ticks = es_ticks(args.train + args.batch * args.batches)
     features = online_features(ticks)
+    train = features.iloc[: args.train]
     with tempfile.TemporaryDirectory() as tmp:
         registry = ModelRegistry(Path(tmp) / "models")
         version = train_model(
-            features.iloc[: args.train],
-            registry=registry,
-            search=SearchSpace(grid={"num_leaves": (31,)}),
-            max_rounds=200,
+            train, registry=registry, search=SearchSpace(grid={"num_leaves": (31,)}), max_rounds=200
         )
         model = registry.load("market", version.version)
-        # As the consumer hands them over: rows of one source partition.
+        # Large leaves, a fast rate and a long horizon: probabilities far from a third.
+        confident = train_model(
+            train,
+            registry=registry,
+            search=SearchSpace(
+                grid={"num_leaves": (63,)}, fixed={"min_data_in_leaf": 20, "learning_rate": 0.3}
+            ),
+            label_spec=LabelSpec(horizon_ticks=1_000, threshold=0.25),
+            max_rounds=60,
+            early_stopping_rounds=60,
+            seed=3,
+        )
+        active_model = registry.load("market", confident.version)
+        # As the consumer hands them over: column arrays of one source partition.
         live = features.iloc[args.train :].reset_index(drop=True).assign(partition=0)
-        batches = [live.iloc[i : i + args.batch] for i in range(0, len(live), args.batch)]
+        batches = list(micro_batches(live, args.batch))
         raw = tick_frame(ticks.iloc[args.train :])
         raw_batches = [raw.iloc[i : i + args.batch] for i in range(0, len(raw), args.batch)]
 
@@ -93,36 +114,54 @@ def main() -> None:
         ]
         booster_times = timed(matrices, lambda m: model.booster.predict(m, num_threads=1))
         score_times = timed(batches, model.predict_proba)
-        # A threshold that trades, so deciding does real work (orders, fills, risk).
-        config = TradingConfig(strategy=StrategyConfig(threshold=0.55))
-        trader = Trader(model, TradingEngine(config))
-        decide_times = timed(batches, trader.on_features)
+        idle = Trader(model, TradingEngine(TradingConfig()))
+        idle_times = timed(batches, idle.on_features)
+        active_config = TradingConfig(
+            strategy=StrategyConfig(threshold=0.501, max_quantity=2, scale_by_confidence=True),
+            limits=RiskLimits(stop_loss=2.0, take_profit=3.0, max_orders=5),
+        )
+        active = Trader(active_model, TradingEngine(active_config))
+        active_times = timed(batches, active.on_features)
         with Ledger(f"sqlite:///{Path(tmp) / 'ledger.db'}") as ledger:
-            recorded = Trader(model, TradingEngine(config, ledger))
-            ledger_times = timed(batches, recorded.on_features)
+            trader = LiveTrader(active_model, active_config, ledger)
+            live_times = timed(batches, lambda b: trader.on_features("ticks", b))
             fills = len(ledger.fills())
 
-    rows = sum(len(b) for b in batches)
+    rows = sum(len(b["ts"]) for b in batches)
     feature_p = percentiles(feature_times)
-    decide_p = percentiles(decide_times)
+    idle_p = percentiles(idle_times)
+    active_p = percentiles(active_times)
     result = {
         "benchmark": "scoring",
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "batch_rows": args.batch,
         "batches": len(batches),
-        "model": {"version": version.version, "inputs": len(model.features)},
+        "models": {
+            "default": {"version": version.version, "inputs": len(model.features)},
+            "confident": {"version": confident.version, "inputs": len(active_model.features)},
+        },
         "ms_per_batch": {
             "baseline_feature_engine": feature_p,
             "booster_predict_only": percentiles(booster_times),
             "score": percentiles(score_times),
-            "score_and_decide": decide_p,
-            "score_decide_and_ledger_sqlite": percentiles(ledger_times),
+            "score_and_decide_default_config": idle_p,
+            "score_and_decide_trading": active_p,
+            "live_trader_with_sqlite_ledger": percentiles(live_times),
         },
         "scoring_rows_per_s": round(rows / sum(score_times)),
-        "score_and_decide_rows_per_s": round(rows / sum(decide_times)),
-        "score_and_decide_vs_feature_engine_p50": round(decide_p["p50"] / feature_p["p50"], 3),
-        "fills": fills,
-        "decisions": dict(trader.engine.outcomes),
+        "score_and_decide_rows_per_s": {
+            "default_config": round(rows / sum(idle_times)),
+            "trading": round(rows / sum(active_times)),
+        },
+        "score_and_decide_vs_feature_engine_p50": {
+            "default_config": round(idle_p["p50"] / feature_p["p50"], 3),
+            "trading": round(active_p["p50"] / feature_p["p50"], 3),
+        },
+        "decisions": {
+            "default_config": dict(idle.engine.outcomes),
+            "trading": dict(active.engine.outcomes),
+        },
+        "fills_trading": fills,
         "goal_p99_ms": 2.0,
     }
     print(json.dumps(result, indent=2))

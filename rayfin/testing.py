@@ -5,9 +5,10 @@ Enable them with ``pytest_plugins = ["rayfin.testing"]`` in a ``conftest.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +146,70 @@ def ray_metrics_url(ray_local: None) -> str:
     """The Prometheus endpoint of :func:`ray_local`'s node."""
     assert _metrics_port is not None
     return f"http://127.0.0.1:{_metrics_port}/metrics"
+
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+"""The local PostgreSQL the database tests use (trust auth, database ``test``)."""
+
+
+@pytest.fixture
+def postgres_ledger() -> Iterator[Any]:
+    """A trading :class:`~rayfin.trading.ledger.Ledger` in a schema of its own in the
+    local PostgreSQL, dropped afterwards; skips the test when PostgreSQL is not reachable."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from rayfin.trading.ledger import Ledger
+
+    url = POSTGRES_URL
+    engine = create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        engine.dispose()
+        pytest.skip(f"PostgreSQL at {url} is not reachable: {str(exc.orig).strip()}")
+    schema = f"t_{uuid.uuid4().hex}"
+    try:
+        with Ledger(url, schema=schema) as ledger:
+            yield ledger
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        engine.dispose()
+
+
+def consumer_config(bootstrap_servers: str, archive: str, topics: Any, **overrides: Any) -> Any:
+    """A :class:`~rayfin.stream.consumer.ConsumerConfig` for tests: a group of its own and
+    short flush, session and heartbeat times, so that crashes and rebalances resolve in
+    seconds."""
+    import uuid
+
+    from rayfin.stream.consumer import ConsumerConfig
+
+    settings: dict[str, Any] = {
+        "group_id": f"g-{uuid.uuid4().hex[:8]}",
+        "flush_interval_s": 0.2,
+        "session_timeout_ms": 6_000,
+        "heartbeat_interval_ms": 500,
+    }
+    return ConsumerConfig(
+        bootstrap_servers=bootstrap_servers,
+        archive=archive,
+        topics=topics,
+        **(settings | overrides),
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` every 0.2 s until it holds; fail naming ``what`` after
+    ``timeout_s`` (distributed state settles in seconds, never instantly)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from rayfin.stream.schemas import Tick, encode
 from rayfin.stream.simulate import simulate
 from rayfin.stream.topics import Topics, ensure_topics
 from rayfin.stream.validation import decode_dead_letter
+from rayfin.testing import consumer_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +61,11 @@ def topics(kafka_broker) -> Topics:
 
 @pytest.fixture
 def group(ray_local: None, kafka_broker, topics: Topics, tmp_path: Path) -> ConsumerConfig:
-    return ConsumerConfig(
-        bootstrap_servers=kafka_broker.bootstrap_servers,
-        archive=str(tmp_path / "archive"),
-        group_id=f"g-{uuid.uuid4().hex[:8]}",
-        topics=topics,
+    return consumer_config(
+        kafka_broker.bootstrap_servers,
+        str(tmp_path / "archive"),
+        topics,
         kinds=("ticks",),
-        flush_interval_s=0.2,
-        session_timeout_ms=6_000,
-        heartbeat_interval_ms=500,
         max_records=2_000,
     )
 
@@ -104,14 +100,6 @@ def _produce(config: ConsumerConfig, ticks: pd.DataFrame, start: int, end: int) 
             await producer.stop()
 
     asyncio.run(send())
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _consumed(handles) -> int:
@@ -174,11 +162,11 @@ def test_a_killed_consumer_loses_and_duplicates_nothing(
     _produce(group, ticks, 0, half)
     handles = launch(2, "member")
     ray.get([h.wait_assigned.remote(60) for h in handles])
-    _wait(lambda: _consumed(handles) > half // 4, 60, "the consumers to make progress")
+    wait_until(lambda: _consumed(handles) > half // 4, 60, "the consumers to make progress")
     _produce(group, ticks, half, len(ticks))
     ray.kill(handles[0])  # mid-stream: its buffer and uncommitted offsets are lost
-    _wait(lambda: _consumed(handles[1:]) >= len(ticks) - half // 2, 120, "the survivor")
-    _wait(
+    wait_until(lambda: _consumed(handles[1:]) >= len(ticks) - half // 2, 120, "the survivor")
+    wait_until(
         lambda: (
             ray.get(handles[1].stats.remote())["buffered_rows"] == 0
             and _archived(group) == len(ticks) - len(BAD)
@@ -203,9 +191,9 @@ def test_a_joining_consumer_takes_partitions_over(
     _produce(group, ticks, 0, third)
     (first,) = launch(1, "first")
     assert len(ray.get(first.wait_assigned.remote(60))) == PARTITIONS
-    _wait(lambda: _consumed([first]) >= third, 60, "the first consumer")
+    wait_until(lambda: _consumed([first]) >= third, 60, "the first consumer")
     (second,) = launch(1, "second")
-    _wait(
+    wait_until(
         lambda: (
             len(ray.get(second.stats.remote())["assigned"]) > 0
             and len(ray.get(first.stats.remote())["assigned"]) < PARTITIONS
@@ -214,7 +202,7 @@ def test_a_joining_consumer_takes_partitions_over(
         "the rebalance",
     )
     _produce(group, ticks, third, len(ticks))
-    _wait(lambda: _archived(group) == len(ticks) - len(BAD), 90, "everything to be archived")
+    wait_until(lambda: _archived(group) == len(ticks) - len(BAD), 90, "everything to be archived")
     final = [ray.get(h.stop.remote()) for h in (first, second)]
     assert all(sum(s["records_in"].values()) > 0 for s in final)
     # The counters: every record read once, each bad one counted by its reason.
@@ -245,7 +233,7 @@ def test_simulated_books_and_news_are_archived_too(group: ConsumerConfig, topics
     (member,) = launch_consumers(config, 1, num_cpus=0.1, prefix="all")
     try:
         archive = Archive(config.archive)
-        _wait(
+        wait_until(
             lambda: (
                 {t: archive.read(t, columns=["offset"]).num_rows for t in RAW_TABLE.values()}
                 == {t: sent[getattr(topics, kind)] for kind, t in RAW_TABLE.items()}
@@ -284,7 +272,7 @@ def test_a_consumer_on_s3_exports_its_metrics(
     assert not archive.local
     (member,) = launch_consumers(config, 1, num_cpus=0.1, prefix="s3")
     try:
-        _wait(
+        wait_until(
             lambda: archive.read("tick_features", columns=["offset"]).num_rows == sent,
             90,
             "every tick to be archived in S3",
@@ -293,19 +281,17 @@ def test_a_consumer_on_s3_exports_its_metrics(
             "ray_rayfin_stream_records_consumed_total": sent + 1,
             "ray_rayfin_stream_feature_rows_total": sent,
             "ray_rayfin_stream_dead_letters_total": 1,
+            "ray_rayfin_stream_consumer_lag": 0,
         }
-        _wait(
-            lambda: _scrape(ray_metrics_url, "s3-0", expected) == expected,
-            30,
-            "the consumer's metrics to be exported",
-        )
-        exported = _scrape(
-            ray_metrics_url,
-            "s3-0",
-            ["ray_rayfin_stream_latency_seconds_count", "ray_rayfin_stream_consumer_lag"],
-        )
-        assert exported["ray_rayfin_stream_latency_seconds_count"] > 0
-        assert exported["ray_rayfin_stream_consumer_lag"] == 0
+        names = [*expected, "ray_rayfin_stream_latency_seconds_count"]
+
+        def exported() -> bool:
+            # Ray exports each series on its own schedule, so wait for all of them.
+            seen = _scrape(ray_metrics_url, "s3-0", names)
+            count = seen.pop("ray_rayfin_stream_latency_seconds_count", 0)
+            return seen == expected and count > 0
+
+        wait_until(exported, 30, "the consumer's metrics to be exported")
         ray.get(member.stop.remote())
     finally:
         ray.kill(member)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from rayfin.errors import TradingError
 from rayfin.trading.engine import TradingConfig, TradingEngine
@@ -21,7 +18,6 @@ from rayfin.trading.pnl import Portfolio
 from rayfin.trading.risk import RiskLimits
 from rayfin.trading.strategy import StrategyConfig
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = 1_704_205_800 * 10**9
 SYMBOLS = {"ES": (4000.0, 0), "NQ": (15000.0, 1)}  # start price, partition
 
@@ -84,37 +80,16 @@ def session() -> Session:
     return run_session()
 
 
-def _pg_reachable() -> str | None:
-    engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect():
-            return None
-    except OperationalError as exc:
-        return str(exc.orig).strip()
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture(
     params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)],
 )
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     """A fresh ledger: a SQLite file, or a schema of its own in the local PostgreSQL."""
-    if request.param == "sqlite":
-        with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as fresh:
-            yield fresh
+    if request.param == "postgresql":
+        yield request.getfixturevalue("postgres_ledger")
         return
-    if (problem := _pg_reachable()) is not None:
-        pytest.skip(f"PostgreSQL at {PG_URL} is not reachable: {problem}")
-    schema = f"t_{uuid.uuid4().hex}"
-    try:
-        with Ledger(PG_URL, schema=schema) as fresh:
-            yield fresh
-    finally:
-        engine = create_engine(PG_URL)
-        with engine.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as fresh:
+        yield fresh
 
 
 def _counts(ledger: Ledger) -> dict[str, int]:

@@ -20,8 +20,8 @@ from rayfin.stream.consumer import ConsumerConfig, StreamConsumer
 class FeatureConsumer:
     """Consumes the market topics into features until :meth:`stop`."""
 
-    def __init__(self, config: ConsumerConfig, name: str = "consumer") -> None:
-        self.consumer = StreamConsumer(config, name)
+    def __init__(self, config: ConsumerConfig, name: str = "consumer", trader: Any = None) -> None:
+        self.consumer = StreamConsumer(config, name, trader)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -64,12 +64,21 @@ class FeatureConsumer:
 
 
 def launch_consumers(
-    config: ConsumerConfig, count: int, *, num_cpus: float = 0.5, prefix: str = "consumer"
+    config: ConsumerConfig,
+    count: int,
+    *,
+    num_cpus: float = 0.5,
+    prefix: str = "consumer",
+    trader: Any = None,
 ) -> list[Any]:
-    """Start ``count`` members of ``config.group_id``; returns their handles, started."""
+    """Start ``count`` members of ``config.group_id``, handing their tick features to
+    ``trader`` (a :class:`~rayfin.actors.trader.TradingActor`) if given; returns their
+    handles, started."""
     actor = ray.remote(FeatureConsumer)
     handles = [
-        actor.options(num_cpus=num_cpus, max_concurrency=100).remote(config, f"{prefix}-{i}")
+        actor.options(num_cpus=num_cpus, max_concurrency=100).remote(
+            config, f"{prefix}-{i}", trader
+        )
         for i in range(count)
     ]
     ray.get([h.start.remote() for h in handles])

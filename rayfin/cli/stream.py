@@ -9,6 +9,14 @@ import typer
 from rich.table import Table
 
 from rayfin.cli.console import console, fail, run_guarded
+from rayfin.cli.trading import (
+    ModelOption,
+    RegistryOption,
+    ThresholdOption,
+    TickSizeOption,
+    load_model,
+    trading_config,
+)
 
 KINDS = ("ticks", "book", "news")
 
@@ -39,12 +47,25 @@ def consume(
         float | None, typer.Option(min=0.0, help="Stop after this many seconds.")
     ] = None,
     num_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs reserved per actor.")] = 0.5,
+    trade: Annotated[
+        bool, typer.Option(help="Trade the tick features live with a registered model.")
+    ] = False,
+    model: ModelOption = "market:production",
+    registry: RegistryOption = None,
+    threshold: ThresholdOption = 0.7,
+    default_tick_size: TickSizeOption = None,
+    ledger: Annotated[
+        str | None, typer.Option(help="Trading ledger database URL [database.url].")
+    ] = None,
 ) -> None:
     """Compute live features from the market topics into the Parquet archive.
 
     Starts CONSUMERS actors in one Kafka consumer group on the configured Ray cluster (a
     local one when none is set); run the command again elsewhere to add members, and the
     partitions rebalance. Ctrl-C (or --seconds) flushes, commits and leaves the group.
+
+    With --trade, one trading actor scores and trades every tick-feature row (simulated
+    execution) into the ledger; run again, it resumes from the ledger's checkpoint.
     """
     from rayfin.actors.feature_consumer import launch_consumers
     from rayfin.cluster import ensure_ray
@@ -61,26 +82,46 @@ def consume(
         topics=Topics.prefixed(stream.topic_prefix if topic_prefix is None else topic_prefix),
         kinds=_kinds(kinds),
     )
+    loaded = load_model(model, registry) if trade else None
     started_ray = run_guarded(ensure_ray)
     import ray
 
     try:
+        trader = None
+        if loaded is not None:
+            from rayfin.actors.trader import launch_trader
+
+            trader = run_guarded(
+                launch_trader,
+                loaded,
+                trading_config(threshold, default_tick_size),
+                ledger,
+                num_cpus=num_cpus,
+            )
+            console.print(f"trading with {loaded!r} into {ray.get(trader.ledger_url.remote())}")
         console.print(
             f"starting {consumers} consumer(s) in group {config.group_id!r} on "
             f"{config.bootstrap_servers}, archiving to {config.archive}"
         )
         members = run_guarded(
-            launch_consumers, config, consumers, num_cpus=num_cpus, prefix=config.group_id
+            launch_consumers,
+            config,
+            consumers,
+            num_cpus=num_cpus,
+            prefix=config.group_id,
+            trader=trader,
         )
-        stopped_by = _watch(members, seconds)
+        stopped_by = _watch(members, seconds, trader)
         final = [ray.get(m.stop.remote()) for m in members]
         _report(final, stopped_by)
+        if trader is not None:
+            _report_trading(ray.get(trader.stats.remote()))
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _watch(members: list[Any], seconds: float | None) -> str:
+def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str:
     """Print the group's progress every second until ``seconds`` pass or Ctrl-C."""
     import ray
 
@@ -99,10 +140,20 @@ def _watch(members: list[Any], seconds: float | None) -> str:
             last_in, last_t = total_in, now
             lag = sum(sum(s["lag"].values()) for s in stats)
             assigned = sum(len(s["assigned"]) for s in stats)
-            console.print(
+            line = (
                 f"{total_in:,} records ({rate:,.0f}/s), lag {lag:,}, "
                 f"{assigned} partitions, p50 {_p50(stats)}"
             )
+            if trader is not None:
+                try:
+                    trading = ray.get(trader.stats.remote(), timeout=30)
+                except ray.exceptions.RayError as exc:
+                    raise fail(f"the trader failed: {exc}") from None
+                line += (
+                    f"; traded {trading['records']:,}, {trading['risk_state']}, "
+                    f"equity {trading['equity']:,.0f}"
+                )
+            console.print(line)
     except KeyboardInterrupt:
         console.print("stopping: flushing, committing and leaving the group")
         return "Ctrl-C"
@@ -125,3 +176,12 @@ def _report(final: list[dict[str, Any]], stopped_by: str) -> None:
         )
     console.print(table)
     console.print(f"stopped by {stopped_by}; everything read is archived and committed")
+
+
+def _report_trading(stats: dict[str, Any]) -> None:
+    console.print(
+        f"traded {stats['records']:,} ticks ({stats['risk_state']}): realized "
+        f"{stats['realized_pnl']:,.2f}, unrealized {stats['unrealized_pnl']:,.2f}, open "
+        f"{', '.join(stats['open_positions']) or 'nothing'}; decisions "
+        + ", ".join(f"{reason} {n:,}" for reason, n in sorted(stats["outcomes"].items()))
+    )

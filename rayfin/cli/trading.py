@@ -41,6 +41,47 @@ def _ticks(rows: str):  # -> pd.DataFrame
     return es_ticks().iloc[_slice(rows)].reset_index(drop=True)
 
 
+ModelOption = Annotated[str, typer.Option("--model", help="NAME[:VERSION|ALIAS] in the registry.")]
+RegistryOption = Annotated[
+    str | None, typer.Option("--registry", help="Registry root, a path or s3:// URI.")
+]
+ThresholdOption = Annotated[
+    float, typer.Option("--threshold", help="Act when P(up) or P(down) reaches this.")
+]
+TickSizeOption = Annotated[
+    float | None,
+    typer.Option(
+        "--default-tick-size",
+        help="Trade symbols beyond the CME index futures on this tick size, multiplier 1 "
+        "(a share): 0.01 for rayfin simulate's market.",
+    ),
+]
+
+
+def load_model(model: str, registry: str | None):  # -> rayfin.trading.scoring.Model
+    """The registered model NAME[:VERSION|ALIAS] (alias ``production`` by default)."""
+    from rayfin.trading.registry import ModelRegistry
+
+    name, _, ref = model.partition(":")
+    store = run_guarded(ModelRegistry, registry)
+    return run_guarded(store.load, name, ref or "production")
+
+
+def trading_config(
+    threshold: float, default_tick_size: float | None = None
+):  # -> rayfin.trading.engine.TradingConfig
+    """The default trading configuration with the strategy's ``threshold``, and any symbol
+    accepted on ``default_tick_size`` if given."""
+    from rayfin.trading.engine import TradingConfig
+    from rayfin.trading.orders import Instruments
+    from rayfin.trading.strategy import StrategyConfig
+
+    return TradingConfig(
+        strategy=run_guarded(StrategyConfig, threshold=threshold),
+        instruments=run_guarded(Instruments, default_tick_size=default_tick_size),
+    )
+
+
 def train(
     rows: RowsOption = "0:400000",
     name: Annotated[str, typer.Option(help="Model name in the registry.")] = "market",
@@ -71,13 +112,10 @@ def train(
 
 def backtest(
     rows: RowsOption = "400000:500000",
-    model: Annotated[
-        str, typer.Option(help="NAME[:VERSION|ALIAS] in the registry.")
-    ] = "market:production",
-    registry: Annotated[
-        str | None, typer.Option(help="Registry root, a path or s3:// URI.")
-    ] = None,
-    threshold: Annotated[float, typer.Option(help="Act when P(up) or P(down) reaches this.")] = 0.7,
+    model: ModelOption = "market:production",
+    registry: RegistryOption = None,
+    threshold: ThresholdOption = 0.7,
+    default_tick_size: TickSizeOption = None,
     plot: Annotated[Path | None, typer.Option(help="Write the equity plot (PNG) here.")] = None,
     ledger: Annotated[
         str | None, typer.Option(help="Record into this database URL (SQLAlchemy).")
@@ -86,15 +124,10 @@ def backtest(
 ) -> None:
     """Replay ES ticks through the live trading path with a registered model."""
     from rayfin.trading.backtest import backtest as run_backtest
-    from rayfin.trading.engine import TradingConfig
     from rayfin.trading.ledger import Ledger
-    from rayfin.trading.registry import ModelRegistry
-    from rayfin.trading.strategy import StrategyConfig
 
-    name, _, ref = model.partition(":")
-    store = run_guarded(ModelRegistry, registry)
-    loaded = run_guarded(store.load, name, ref or "production")
-    config = TradingConfig(strategy=run_guarded(StrategyConfig, threshold=threshold))
+    loaded = load_model(model, registry)
+    config = trading_config(threshold, default_tick_size)
     ticks = _ticks(rows)
     book = run_guarded(Ledger, ledger) if ledger else None
     try:

@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayfin.errors import RayfinError
+from rayfin.storage import put_atomic
 
 CHECKPOINT_DIR = "_checkpoints"
 _FILE = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-(?P<first>\d+)-(?P<last>\d+)\.parquet$")
@@ -97,16 +98,8 @@ class Archive:
             raise ArchiveError(f"checkpoint {path} is unreadable: {exc}") from exc
 
     def _put(self, path: str, data: bytes) -> None:
-        """Write ``data`` so that readers see the old or the new file, never half of one."""
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if not self.local:  # an object store's PUT is atomic
-            with self.fs.open_output_stream(path) as out:
-                out.write(data)
-            return
-        staging = f"{path}.tmp"
-        with self.fs.open_output_stream(staging) as out:
-            out.write(data)
-        self.fs.move(staging, path)
+        put_atomic(self.fs, path, data)
 
     # -- writing ---------------------------------------------------------------------
 

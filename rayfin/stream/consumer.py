@@ -12,6 +12,13 @@ nothing twice (effectively exactly-once).
 Live features are "emitted" when computed: they update :attr:`FeaturePipeline.latest`
 (the newest row per symbol, what a scorer reads) and the latency clock stops there. The
 archive write follows within ``flush_interval_s``.
+
+With a trader (:class:`~rayfin.actors.trader.TradingActor`), each poll's tick-feature rows
+go to it in one call, at most one call in flight (backpressure), and a write waits for the
+trader to have recorded every row it covers before archiving and committing them. So the
+archive and the committed offsets never run ahead of the trader's ledger: after a crash of
+either, the records the trader has not recorded are read again, and the trader drops the
+ones it has (:mod:`rayfin.trading.live`).
 """
 
 from __future__ import annotations
@@ -101,6 +108,9 @@ class FeaturePipeline:
         self.metrics = metrics
         self.partitions: dict[tuple[str, int], _Partition] = {}
         self.latest: dict[str, dict[str, Any]] = {}
+        # Tick-feature tables emitted since the last take_emitted(), by topic; only kept
+        # when something takes them (a trader).
+        self.emitted: dict[str, list[pa.Table]] | None = None
         self._last_cut = time.monotonic()
 
     # -- assignment ------------------------------------------------------------------
@@ -288,7 +298,17 @@ class FeaturePipeline:
         state.features.append(table)
         state.rows += table.num_rows
         self.metrics.feature_rows(FEATURE_TABLE[state.kind], table.num_rows)
+        if self.emitted is not None and state.kind == "ticks":
+            self.emitted.setdefault(state.topic, []).append(table)
         return table.num_rows
+
+    def take_emitted(self) -> dict[str, pa.Table]:
+        """The tick-feature rows emitted since the last call, one table per topic."""
+        if not self.emitted:
+            return {}
+        taken = {topic: pa.concat_tables(tables) for topic, tables in self.emitted.items()}
+        self.emitted = {}
+        return taken
 
     # -- durability ------------------------------------------------------------------
 
@@ -395,9 +415,10 @@ class StreamConsumer:
     """One member of the feature consumer group: aiokafka in, :class:`FeaturePipeline`
     through, commits after durable writes. Run it with :meth:`run` until :meth:`stop`."""
 
-    def __init__(self, config: ConsumerConfig, name: str = "consumer") -> None:
+    def __init__(self, config: ConsumerConfig, name: str = "consumer", trader: Any = None) -> None:
         self.config = config
         self.name = name
+        self.trader = trader  # a TradingActor handle, or None
         self.metrics = StreamMetrics(name)
         self.archive = Archive(config.archive)
         self.pipeline: FeaturePipeline | None = None
@@ -405,6 +426,8 @@ class StreamConsumer:
         self.rebalances = 0
         self.commit_failures = 0
         self._writing: asyncio.Task[None] | None = None
+        self._trading: list[Any] = []  # the trader calls in flight (ObjectRefs), one a topic
+        self.rows_to_trader = 0
         self._stopping = asyncio.Event()
         self._consumer: Any = None
         self._producer: Any = None
@@ -423,6 +446,8 @@ class StreamConsumer:
             await delivered
 
         self.pipeline = FeaturePipeline(c, self.archive, send, self.metrics)
+        if self.trader is not None:
+            self.pipeline.emitted = {}
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=c.bootstrap_servers,
             group_id=c.group_id,
@@ -452,6 +477,8 @@ class StreamConsumer:
                 )
                 for tp, records in batches.items():
                     pipeline.process(tp.topic, tp.partition, records)
+                if self.trader is not None:
+                    await self._trade(pipeline.take_emitted())
                 if self._writing is not None and self._writing.done():
                     self._writing.result()  # a failed write stops the consumer
                     self._writing = None
@@ -465,6 +492,22 @@ class StreamConsumer:
             await consumer.stop()
             await self._producer.stop()
 
+    async def _trade(self, emitted: dict[str, pa.Table]) -> None:
+        """Hand the rows to the trader, once its previous call is done (one in flight)."""
+        if not emitted:
+            return
+        await self._traded()
+        self._trading = [
+            self.trader.on_features.remote(topic, rows) for topic, rows in emitted.items()
+        ]
+        self.rows_to_trader += sum(rows.num_rows for rows in emitted.values())
+
+    async def _traded(self) -> None:
+        """Wait until the trader recorded every row sent so far (its calls run in order);
+        a failed trade raises, which stops the consumer before anything is lost."""
+        for call in self._trading:
+            await call
+
     async def _settle(self) -> None:
         """Wait for the write in flight, if any."""
         if self._writing is not None:
@@ -473,6 +516,8 @@ class StreamConsumer:
 
     async def _write(self, cuts: list[_Cut]) -> None:
         assert self.pipeline is not None
+        # Archive and commit nothing the trader has not recorded.
+        await self._traded()
         await self._commit(await self.pipeline.write(cuts))
         self._update_lag()
 
@@ -502,6 +547,7 @@ class StreamConsumer:
         out["rebalances"] = self.rebalances
         out["commit_failures"] = self.commit_failures
         out["buffered_rows"] = self.pipeline.buffered_rows if self.pipeline else 0
+        out["rows_to_trader"] = self.rows_to_trader
         return out
 
 

@@ -2,14 +2,17 @@
 scoring, the threshold strategy under risk limits, simulated execution, the ledger, P&L,
 backtests and the feedback loop.
 
-The SDK's entry points are :func:`train_model` and :func:`backtest`; the live path and the
-backtest share :class:`Trader` (model, then :class:`TradingEngine`)."""
+The SDK's entry points are :func:`train_model`, :func:`backtest` and, live,
+:class:`LiveTrader` (behind :class:`rayfin.actors.trader.TradingActor`, fed by the feature
+consumers); the live path and the backtest share :class:`Trader` (model, then
+:class:`TradingEngine`)."""
 
 from rayfin.trading.backtest import BacktestResult, backtest
-from rayfin.trading.engine import Trader, TradingConfig, TradingEngine
+from rayfin.trading.engine import SignalBatch, Trader, TradingConfig, TradingEngine
 from rayfin.trading.execution import FeeModel, SimulatedBroker, SlippageModel
 from rayfin.trading.labels import CLASS_NAMES, DOWN, FLAT, UP, LabelSpec, make_labels
-from rayfin.trading.ledger import Ledger, LedgerBatch
+from rayfin.trading.ledger import Ledger, LedgerBatch, TraderCheckpoint
+from rayfin.trading.live import LiveTrader
 from rayfin.trading.orders import Decision, Fill, Instrument, Instruments, Order, Signal
 from rayfin.trading.pnl import Portfolio
 from rayfin.trading.registry import ModelRegistry, ModelVersion
@@ -32,6 +35,7 @@ __all__ = [
     "LabelSpec",
     "Ledger",
     "LedgerBatch",
+    "LiveTrader",
     "Model",
     "ModelRegistry",
     "ModelVersion",
@@ -42,11 +46,13 @@ __all__ = [
     "RiskState",
     "SearchSpace",
     "Signal",
+    "SignalBatch",
     "SimulatedBroker",
     "SlippageModel",
     "StrategyConfig",
     "ThresholdStrategy",
     "Trader",
+    "TraderCheckpoint",
     "TradingConfig",
     "TradingEngine",
     "backtest",

@@ -118,6 +118,16 @@ class SimulatedBroker:
             return list(self._pending.get(symbol, {}).values())
         return [order for queue in self._pending.values() for order in queue.values()]
 
+    @property
+    def idle(self) -> bool:
+        """Whether no order is pending."""
+        return not any(self._pending.values())
+
+    def restore_from(self, saved: SimulatedBroker) -> None:
+        """Take the pending orders of ``saved`` (an unpickled snapshot); this broker's
+        instruments, fee and slippage models stay."""
+        self._pending = saved._pending
+
     def pending_quantity(self, symbol: str) -> int:
         """The signed position change pending orders of ``symbol`` will make."""
         return sum(order.signed_quantity for order in self._pending.get(symbol, {}).values())

@@ -13,7 +13,10 @@ on both databases). So replaying a micro-batch after a crash writes nothing twic
 * ``fills``: the order id (an order fills once, whole);
 * ``risk_events``: (ts, from_state, to_state, reason);
 * ``positions``: one current row per symbol, upserted, and only by a snapshot at least as
-  new as the stored one, so a replayed old batch cannot move a position back in time.
+  new as the stored one, so a replayed old batch cannot move a position back in time;
+* ``trader_checkpoints``: one row per live trader, upserted with every batch it records:
+  the last source offset it traded per partition and its engine state, so that a restarted
+  trader goes on exactly where the ledger stops (see :mod:`rayfin.trading.live`).
 
 :meth:`Ledger.record` writes a whole micro-batch in one transaction: it all lands or none
 of it does. P&L (:meth:`Ledger.pnl`) is recomputed from the stored fills by replaying them
@@ -25,6 +28,7 @@ applied in as long as each symbol's fills were recorded in the order they happen
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +45,7 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Select,
     SmallInteger,
@@ -62,7 +67,7 @@ from rayfin.trading.orders import Decision, Fill, Instruments, Order, SourceKey
 from rayfin.trading.pnl import DEFAULT_INITIAL_CASH, PnLSummary, Portfolio, Position
 from rayfin.trading.risk import RiskEvent
 
-__all__ = ["Ledger", "LedgerBatch", "LedgerPnL"]
+__all__ = ["Ledger", "LedgerBatch", "LedgerPnL", "TraderCheckpoint"]
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 _Seq = BigInteger().with_variant(Integer, "sqlite")
@@ -82,6 +87,7 @@ class _Tables(NamedTuple):
     fills: Table
     positions: Table
     risk_events: Table
+    checkpoints: Table
 
 
 def _tables(metadata: MetaData) -> _Tables:
@@ -162,7 +168,15 @@ def _tables(metadata: MetaData) -> _Tables:
         *_source_columns(nullable=True),
         UniqueConstraint("ts", "from_state", "to_state", "reason"),
     )
-    return _Tables(decisions, orders, fills, positions, risk_events)
+    checkpoints = Table(
+        "trader_checkpoints",
+        metadata,
+        Column("name", String, primary_key=True),
+        Column("marks", String, nullable=False),  # JSON: [[topic, partition, offset], ...]
+        Column("state", LargeBinary, nullable=False),
+        Column("records", BigInteger, nullable=False),
+    )
+    return _Tables(decisions, orders, fills, positions, risk_events, checkpoints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +188,18 @@ class LedgerBatch:
     fills: Sequence[Fill] = ()
     positions: Sequence[Position] = ()
     risk_events: Sequence[RiskEvent] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TraderCheckpoint:
+    """Where a live trader stands: the last source offset it traded per (topic, partition),
+    its engine state (:meth:`~rayfin.trading.engine.TradingEngine.snapshot`) and how many
+    records it has traded in all."""
+
+    name: str
+    marks: Mapping[tuple[str, int], int]
+    state: bytes
+    records: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +257,8 @@ def _order_row(o: Order) -> dict[str, Any]:
     }
 
 
-def _fill_row(f: Fill) -> dict[str, Any]:
+def fill_row(f: Fill) -> dict[str, Any]:
+    """A fill as a ``fills`` row (also the backtest's trades)."""
     return {
         "order_id": f.order_id,
         "ts": f.ts,
@@ -328,6 +355,11 @@ class Ledger:
         """The database URL, password hidden."""
         return self._engine.url.render_as_string(hide_password=True)
 
+    @property
+    def schema(self) -> str | None:
+        """The PostgreSQL schema holding the tables, or None for the default one."""
+        return self._schema
+
     def close(self) -> None:
         """Release the engine's connections."""
         self._engine.dispose()
@@ -353,13 +385,14 @@ class Ledger:
 
     # --- writes ----------------------------------------------------------------------------
 
-    def record(self, batch: LedgerBatch) -> None:
-        """Write ``batch`` in one transaction, skipping rows already stored."""
+    def record(self, batch: LedgerBatch, checkpoint: TraderCheckpoint | None = None) -> None:
+        """Write ``batch`` in one transaction, skipping rows already stored; with the
+        ``checkpoint`` of the trader that produced it, so the two never disagree."""
         t = self._t
         inserts = (
             (t.decisions, [_decision_row(d) for d in batch.decisions]),
             (t.orders, [_order_row(o) for o in batch.orders]),
-            (t.fills, [_fill_row(f) for f in batch.fills]),
+            (t.fills, [fill_row(f) for f in batch.fills]),
             (t.risk_events, [_risk_event_row(e) for e in batch.risk_events]),
         )
         # PostgreSQL refuses an upsert that touches one row twice: keep each symbol's newest.
@@ -381,6 +414,32 @@ class Ledger:
                     where=t.positions.c.ts <= stmt.excluded.ts,
                 )
                 conn.execute(stmt, [_position_row(p) for p in latest.values()])
+            if checkpoint is not None:
+                self._save_checkpoint(conn, checkpoint)
+
+    def _save_checkpoint(self, conn: Connection, checkpoint: TraderCheckpoint) -> None:
+        t = self._t.checkpoints
+        row = {
+            "name": checkpoint.name,
+            "marks": json.dumps(sorted([tp[0], tp[1], o] for tp, o in checkpoint.marks.items())),
+            "state": checkpoint.state,
+            "records": checkpoint.records,
+        }
+        stmt = self._insert(t)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.name], set_={k: stmt.excluded[k] for k in row if k != "name"}
+        )
+        conn.execute(stmt, row)
+
+    def checkpoint(self, name: str) -> TraderCheckpoint | None:
+        """The checkpoint trader ``name`` last recorded, or None if it never did."""
+        t = self._t.checkpoints
+        with self._begin() as conn:
+            row = conn.execute(select(t).where(t.c.name == name)).mappings().first()
+        if row is None:
+            return None
+        marks = {(topic, int(p)): int(o) for topic, p, o in json.loads(row["marks"])}
+        return TraderCheckpoint(name, marks, bytes(row["state"]), int(row["records"]))
 
     def record_decision(self, decision: Decision) -> None:
         """:meth:`record` one decision, in its own transaction."""

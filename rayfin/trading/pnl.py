@@ -23,6 +23,9 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from rayfin.errors import TradingError
 from rayfin.trading.orders import Fill, Instruments
@@ -149,6 +152,49 @@ class Portfolio:
         book.ts = ts
         self._sample(ts)
 
+    def equity_path(self, symbols: np.ndarray, prices: np.ndarray) -> np.ndarray | None:
+        """The equity :meth:`mark` would sample on each tick of a run (``symbols[k]`` at
+        ``prices[k]``), positions staying as they are; nothing is changed. Computed with
+        :meth:`equity`'s own arithmetic, so the numbers are identical; None when more than
+        one position is open (summing several in numpy could round differently)."""
+        n = len(prices)
+        base = self.initial_cash + self.realized_pnl
+        open_books = [(s, b) for s, b in self._books.items() if b.quantity != 0]
+        if not open_books:
+            return np.full(n, base)
+        if len(open_books) > 1:
+            return None
+        symbol, book = open_books[0]
+        assert book.last_price is not None  # a position comes from a fill, which marks
+        # The symbol's price at each row: its last tick so far, else its current mark.
+        last_row = np.maximum.accumulate(np.where(symbols == symbol, np.arange(n), -1))
+        path = np.where(last_row >= 0, prices[np.maximum(last_row, 0)], book.last_price)
+        unrealized = (path - book.avg_price) * book.quantity * book.multiplier
+        return base + unrealized
+
+    def mark_run(
+        self, symbols: np.ndarray, prices: np.ndarray, ts: np.ndarray, equity: np.ndarray
+    ) -> None:
+        """:meth:`mark` each tick of a run in one step, ``equity`` being its
+        :meth:`equity_path` (positions must not change in between)."""
+        n = len(symbols)
+        if not n == len(prices) == len(ts) == len(equity):
+            raise TradingError(
+                f"mark_run: {n} symbols, {len(prices)} prices, {len(ts)} ts, {len(equity)} "
+                "equity values"
+            )
+        if n == 0:
+            return
+        if not (np.isfinite(prices) & (prices > 0)).all():
+            raise TradingError("mark_run: every price must be a finite number > 0")
+        last = {symbol: k for k, symbol in enumerate(symbols.tolist())}  # first-seen order
+        for symbol, k in last.items():
+            book = self._book(symbol)
+            book.last_price = float(prices[k])
+            book.ts = int(ts[k])
+        self._peak = max(self._peak, float(equity.max()))
+        self._curve.extend(zip(ts.tolist(), equity.tolist(), strict=True))
+
     def _sample(self, ts: int) -> None:
         equity = self.equity
         self._peak = max(self._peak, equity)
@@ -229,6 +275,36 @@ class Portfolio:
     def equity_curve(self) -> list[tuple[int, float]]:
         """``(ts, equity)`` after every fill and mark, oldest first."""
         return list(self._curve)
+
+    # --- state -----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The equity curve stays out: it can be long, and it follows from the fills.
+        return {
+            "initial_cash": self.initial_cash,
+            "instruments": self.instruments,
+            "books": self._books,
+            "peak": self._peak,
+            "max_curve_points": self._curve.maxlen,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.initial_cash = state["initial_cash"]
+        self.instruments = state["instruments"]
+        self._books = state["books"]
+        self._peak = state["peak"]
+        self._curve = deque(maxlen=state["max_curve_points"])
+
+    def restore_from(self, saved: Portfolio) -> None:
+        """Take the positions, P&L and peak equity of ``saved`` (an unpickled snapshot);
+        this portfolio's instruments and curve bound stay."""
+        if saved.initial_cash != self.initial_cash:
+            raise TradingError(
+                f"restore: the saved account started with {saved.initial_cash:,.2f}, this one "
+                f"with {self.initial_cash:,.2f}"
+            )
+        self._books = saved._books
+        self._peak = saved._peak
 
     def summary(self) -> PnLSummary:
         """Realized, unrealized, fees, equity, peak and drawdown now."""

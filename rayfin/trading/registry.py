@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayfin.errors import ModelNotFoundError, RegistryError, RollbackError
+from rayfin.storage import put_atomic
 from rayfin.trading.labels import LabelSpec
 
 if TYPE_CHECKING:
@@ -238,17 +239,6 @@ class ModelRegistry:
             if not self._exists(path):
                 return None
             raise
-
-    def _put(self, path: str, data: bytes) -> None:
-        """Write ``data`` so that readers see the old or the new file, never half of one."""
-        if not self.local:  # an object store's PUT is atomic
-            with self.fs.open_output_stream(path) as out:
-                out.write(data)
-            return
-        staging = f"{path}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(staging) as out:
-            out.write(data)
-        self.fs.move(staging, path)
 
     @contextmanager
     def _lock(self, name: str) -> Iterator[None]:
@@ -455,10 +445,10 @@ class ModelRegistry:
             metadata = _dumps({**meta, "version": number})
             target = self._version_dir(name, number)
             if not self.local:
-                self._put(f"{target}/{MODEL_FILE}", model)
+                put_atomic(self.fs, f"{target}/{MODEL_FILE}", model)
                 if reference is not None:
-                    self._put(f"{target}/{REFERENCE_FILE}", reference)
-                self._put(f"{target}/{METADATA_FILE}", metadata)  # the commit
+                    put_atomic(self.fs, f"{target}/{REFERENCE_FILE}", reference)
+                put_atomic(self.fs, f"{target}/{METADATA_FILE}", metadata)  # the commit
                 return number
             staging = f"{folder}/.staging-{uuid.uuid4().hex}"
             self.fs.create_dir(staging)
@@ -525,6 +515,6 @@ class ModelRegistry:
     def _write_aliases(self, name: str, state: dict[str, Any]) -> None:
         path = f"{self._model_dir(name)}/{ALIASES_FILE}"
         try:
-            self._put(path, _dumps(state))
+            put_atomic(self.fs, path, _dumps(state))
         except (OSError, pa.ArrowException) as exc:
             raise RegistryError(f"cannot write {self._uri(path)}: {exc}") from exc

@@ -45,6 +45,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from rayfin.errors import ConfigError, TradingError
 from rayfin.trading.orders import (
     DRAWDOWN_RECOVERED,
@@ -346,6 +348,53 @@ class RiskManager:
                 orders.append(order)
         return orders
 
+    # --- runs of ticks that change nothing (the engine's fast path) --------------------------
+
+    def quiet_rows(
+        self,
+        equity: np.ndarray,
+        symbols: np.ndarray,
+        prices: np.ndarray,
+        portfolio: Portfolio,
+    ) -> int:
+        """How many leading ticks of a run :meth:`on_mark` would pass without a state change
+        or a protective order, given the ``equity`` each would see (positions unchanged,
+        nothing pending). Pure: call :meth:`observe` for the ticks then skipped."""
+        n = len(equity)
+        if self._state is RiskState.HALTED:
+            # Halted and flat, nothing happens; halted with a position, a kill is due.
+            return n if not portfolio.open_symbols() else 0
+        peaks = np.maximum.accumulate(equity)
+        if self._peak is not None:
+            peaks = np.maximum(peaks, self._peak)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drawdown = np.where(peaks <= 0, 1.0, np.maximum(0.0, (peaks - equity) / peaks))
+        limits = self.limits
+        change = np.zeros(n, dtype=bool)
+        if limits.max_drawdown is not None:
+            change |= drawdown >= limits.max_drawdown
+        if self._state is RiskState.ACTIVE and limits.reduce_drawdown is not None:
+            change |= drawdown >= limits.reduce_drawdown
+        if self._state is RiskState.REDUCING:
+            change |= drawdown <= self._resume_drawdown()
+        if limits.stop_loss is not None or limits.take_profit is not None:
+            for symbol in portfolio.open_symbols():
+                position = portfolio.position(symbol)
+                move = (prices - position.avg_price) * _sign(position.quantity)
+                hit = np.zeros(n, dtype=bool)
+                if limits.stop_loss is not None:
+                    hit |= move <= -limits.stop_loss
+                if limits.take_profit is not None:
+                    hit |= move >= limits.take_profit
+                change |= hit & (symbols == symbol)
+        return int(np.argmax(change)) if change.any() else n
+
+    def observe(self, equity: np.ndarray) -> None:
+        """Take in the peak of a run of marks that :meth:`quiet_rows` passed."""
+        if len(equity):
+            top = float(equity.max())
+            self._peak = top if self._peak is None else max(self._peak, top)
+
     def _update_state(self, drawdown: float, equity: float, now_ns: int, source: SourceKey) -> None:
         limits = self.limits
         if self._state is RiskState.HALTED:
@@ -395,6 +444,16 @@ class RiskManager:
         return Order.create(symbol, side, abs(projected), now_ns, purpose, source)
 
     # --- operator ----------------------------------------------------------------------------
+
+    def restore_from(self, saved: RiskManager) -> None:
+        """Take the state of ``saved`` (an unpickled snapshot): its trading state, peak
+        equity, rate-limit window and events. This manager's limits stay, so a restart can
+        change them; a halt stays a halt until :meth:`reset`."""
+        self._state = saved._state
+        self._peak = saved._peak
+        self._accepted_ts = saved._accepted_ts
+        self._events = saved._events
+        self._taken = saved._taken
 
     def reset(self, portfolio: Portfolio, now_ns: int) -> None:
         """Return to ACTIVE (from HALTED or REDUCING) and measure drawdown from the

@@ -1,0 +1,74 @@
+"""``TradingActor``: the one live trader of an account, as a Ray actor.
+
+Every feature consumer of the group sends its tick-feature micro-batches here, so one
+portfolio and one risk manager see every symbol. The actor restarts after a crash
+(``max_restarts``) and Ray retries the calls in flight (``max_task_retries``); the new
+instance resumes from the ledger checkpoint (:mod:`rayfin.trading.live`), so a retried
+batch is traded once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from rayfin.trading.engine import TradingConfig
+from rayfin.trading.ledger import Ledger
+from rayfin.trading.live import DEFAULT_TRADER_NAME, LiveTrader
+from rayfin.trading.scoring import Model
+
+
+class TradingActor:
+    """A :class:`~rayfin.trading.live.LiveTrader` behind a Ray actor."""
+
+    def __init__(
+        self,
+        model: Model,
+        config: TradingConfig | None = None,
+        ledger_url: str | None = None,
+        *,
+        schema: str | None = None,
+        name: str = DEFAULT_TRADER_NAME,
+    ) -> None:
+        self.live = LiveTrader(model, config, Ledger(ledger_url, schema=schema), name=name)
+
+    def on_features(self, topic: str, rows: pa.Table) -> int:
+        """Trade a micro-batch of tick-feature rows of ``topic``; returns rows traded."""
+        columns = {name: rows.column(name).to_numpy() for name in rows.column_names}
+        before = self.live.records
+        self.live.on_features(topic, columns)
+        return self.live.records - before
+
+    def stats(self) -> dict[str, Any]:
+        return self.live.stats()
+
+    def ledger_url(self) -> str:
+        """The ledger's database URL, password hidden."""
+        return self.live.ledger.url
+
+    def reset_risk(self) -> str:
+        """Return the risk manager to ACTIVE after a halt; returns the state."""
+        self.live.reset_risk()
+        return self.live.engine.risk.state.value
+
+
+def launch_trader(
+    model: Model,
+    config: TradingConfig | None = None,
+    ledger_url: str | None = None,
+    *,
+    schema: str | None = None,
+    name: str = DEFAULT_TRADER_NAME,
+    num_cpus: float = 0.5,
+) -> Any:
+    """Start the trading actor (restarting on failure, retrying calls in flight); returns
+    its handle, ready."""
+    handle = (
+        ray.remote(TradingActor)
+        .options(num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1)
+        .remote(model, config, ledger_url, schema=schema, name=name)
+    )
+    ray.get(handle.stats.remote())  # constructed: checkpoint loaded, ledger reachable
+    return handle
