@@ -104,6 +104,9 @@ class DatabaseSettings(_Section):
     """The ledger database (SQLAlchemy URL): SQLite embedded by default."""
 
     url: str | None = Field(None, description="defaults to sqlite:///<state_dir>/rayfin.db")
+    points_url: str | None = Field(
+        None, description="the LLM points ledger; defaults to sqlite:///<state_dir>/points.db"
+    )
 
 
 class StreamSettings(_Section):
@@ -145,6 +148,8 @@ class Settings(BaseSettings):
             self.models.cache_dir = self.cache_dir / "models"
         if self.database.url is None:
             self.database.url = f"sqlite:///{self.state_dir / 'rayfin.db'}"
+        if self.database.points_url is None:
+            self.database.points_url = f"sqlite:///{self.state_dir / 'points.db'}"
         if self.stream.archive is None:
             self.stream.archive = str(self.state_dir / "archive")
         return self

@@ -47,6 +47,45 @@ class SessionNotOpenError(SessionError):
     the client can reopen it there and replay."""
 
 
+class PointsError(LLMError, ValueError):
+    """A points ledger input is invalid (an account, amount, work record or query), or its
+    database cannot be used."""
+
+
+class InsufficientPointsError(LLMError):
+    """An account's balance is below the points a charge asks for; nothing was charged."""
+
+    def __init__(self, account: str, balance: int, amount: int) -> None:
+        super().__init__(
+            f"account {account!r} has {balance} points, fewer than the {amount} asked; "
+            "earn points by serving blocks, or get a grant (`rayfin llm points grant`)"
+        )
+        self.account = account
+        self.balance = balance
+        self.amount = amount
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:
+        # Raised inside the points bank actor: Ray pickles it back to the caller.
+        return (type(self), (self.account, self.balance, self.amount))
+
+
+class AdapterNotCachedError(LLMError):
+    """A request referred to adapter weights by digest that the server does not hold
+    (evicted, or the server restarted); the client resends the weights."""
+
+
+class AdapterHubError(LLMError):
+    """The adapter hub could not be read or written, or an adapter to save is invalid."""
+
+
+class AdapterNotFoundError(AdapterHubError, LookupError):
+    """No saved adapter, version or alias of that name."""
+
+
+class AdapterMismatchError(LLMError, ValueError):
+    """An adapter was trained on another base model than the one it is loaded for."""
+
+
 class InvalidMessage(RayfinError, ValueError):
     """A stream record failed validation. ``reason`` is one word from a fixed vocabulary
     (:data:`rayfin.stream.validation.REASONS`), ``detail`` says what exactly was wrong."""

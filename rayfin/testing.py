@@ -153,15 +153,14 @@ POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
-def postgres_ledger() -> Iterator[Any]:
-    """A trading :class:`~rayfin.trading.ledger.Ledger` in a schema of its own in the
-    local PostgreSQL, dropped afterwards; skips the test when PostgreSQL is not reachable."""
+def postgres_schema() -> Iterator[str]:
+    """The name of a schema of the test's own in the local PostgreSQL (:data:`POSTGRES_URL`),
+    for code that takes a ``schema`` and creates it on first use; dropped, with everything
+    in it, afterwards. Skips the test when PostgreSQL is not reachable."""
     import uuid
 
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import OperationalError
-
-    from rayfin.trading.ledger import Ledger
 
     url = POSTGRES_URL
     engine = create_engine(url, connect_args={"connect_timeout": 3})
@@ -173,12 +172,21 @@ def postgres_ledger() -> Iterator[Any]:
         pytest.skip(f"PostgreSQL at {url} is not reachable: {str(exc.orig).strip()}")
     schema = f"t_{uuid.uuid4().hex}"
     try:
-        with Ledger(url, schema=schema) as ledger:
-            yield ledger
+        yield schema
     finally:
         with engine.begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         engine.dispose()
+
+
+@pytest.fixture
+def postgres_ledger(postgres_schema: str) -> Iterator[Any]:
+    """A trading :class:`~rayfin.trading.ledger.Ledger` in a schema of its own in the
+    local PostgreSQL, dropped afterwards; skips the test when PostgreSQL is not reachable."""
+    from rayfin.trading.ledger import Ledger
+
+    with Ledger(POSTGRES_URL, schema=postgres_schema) as ledger:
+        yield ledger
 
 
 def consumer_config(bootstrap_servers: str, archive: str, topics: Any, **overrides: Any) -> Any:

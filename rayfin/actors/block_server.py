@@ -3,26 +3,42 @@
 It is an async actor: requests arrive on the event loop while compute runs on one worker
 thread, so decode steps that arrive while a batch is computing queue up and run together
 as the next batched forward. A lone session pays no batching delay.
+
+The queue is ordered by :class:`~rayfin.llm.priority.Priority`: inference before training,
+then higher bids (paid from the client's points account before queueing; see
+:mod:`rayfin.llm.points`). The server counts the work it computes, never what a client
+claims, and its operator earns points for it. Training requests
+(:meth:`BlockServer.forward` with an adapter, :meth:`BlockServer.backward`) apply the LoRA
+matrices the client sent for that request only (:mod:`rayfin.llm.lora`), and the server's
+weights never change (:meth:`BlockServer.weights_digest`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import ray
 import torch
 
+from rayfin.actors.points import WorkMeter
 from rayfin.errors import SessionError
+from rayfin.llm.adapter_cache import AdapterCache
 from rayfin.llm.blocks import BlockSpan, CacheSlot
 from rayfin.llm.checkpoint import load_blocks, load_config, model_shape
 from rayfin.llm.compression import WireTensor, check_compression, decode, encode
 from rayfin.llm.kv_cache import KVCacheManager, SessionCache
 from rayfin.llm.loading import resolve_model_path, torch_dtype
+from rayfin.llm.lora import AdapterPayload, blocks_of, lora_applied
+from rayfin.llm.priority import INFERENCE, Priority
 from rayfin.llm.quantization import check_quantization, parameter_bytes, quantize_linears
 from rayfin.llm.server_info import ServerConfig, ServerInfo, ServerRecord
 
@@ -36,10 +52,41 @@ _ACTIVE_WITHIN_S = 0.5
 
 @dataclass(slots=True)
 class _Step:
+    """A session's step: decode steps over the same blocks run as one batch."""
+
     cache: SessionCache
     hidden: torch.Tensor
     position: int
     future: asyncio.Future[torch.Tensor]
+    order: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclass(slots=True)
+class _Task:
+    """A stateless request (forward, backward): runs alone."""
+
+    run: Callable[[], Any]
+    future: asyncio.Future[Any]
+    order: tuple[int, int, int] = field(default=(0, 0, 0))
+
+
+_Queued = _Step | _Task
+
+
+@dataclass(frozen=True, slots=True)
+class _SessionContext:
+    """How a session's steps run: their queue priority and the adapter applied to them."""
+
+    priority: Priority = INFERENCE
+    adapter: dict[str, torch.Tensor] | None = None
+    scaling: float = 0.0
+
+
+_PLAIN = _SessionContext()
+
+
+def _adapter_of(step: _Step) -> dict[str, torch.Tensor] | None:
+    return (step.cache.context or _PLAIN).adapter
 
 
 def _rss_bytes() -> int:
@@ -83,7 +130,14 @@ class BlockServer:
         # One compute thread: torch parallelises inside an op, and serial batches keep
         # each session's steps in order.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocks")
-        self._queue: list[_Step] = []
+        self._queue: list[_Queued] = []
+        self._arrivals = itertools.count()
+        self.adapters = AdapterCache()
+        self.backward_passes = 0
+        self.unpaid_bids = 0
+        self._meter = WorkMeter(
+            config.server_id, config.operator or config.server_id, swarm=config.swarm
+        )
         self._drainer: asyncio.Task[None] | None = None
         self._arrived = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
@@ -134,6 +188,7 @@ class BlockServer:
     def _ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+            self._meter.start(interval_s=1.0)
 
     async def _reap_idle(self) -> None:
         interval = max(0.05, min(_HEARTBEAT_S, self.config.idle_timeout_s / 4))
@@ -183,11 +238,17 @@ class BlockServer:
                 "batches": self.batches,
                 "largest_batch": self.largest_batch,
                 "threads": torch.get_num_threads(),
+                "backward_passes": self.backward_passes,
+                "unpaid_bids": self.unpaid_bids,
+                "points_pending": self._meter.pending,
+                "adapters_cached": len(self.adapters),
+                "adapter_cache_bytes": self.adapters.used_bytes,
             },
         )
 
     async def leave(self) -> None:
         """Deregister from the swarm, then exit: clients route around this server."""
+        await self._meter.aclose(timeout_s=5)
         if self._registry is not None:
             with contextlib.suppress(ray.exceptions.RayError):
                 await self._registry.deregister.remote(self.config.server_id)
@@ -210,14 +271,20 @@ class BlockServer:
         batch_size: int,
         max_length: int,
         wait_s: float | None = None,
+        priority: Priority | None = None,
+        adapter: AdapterPayload | None = None,
     ) -> None:
-        """Reserve a KV cache for blocks ``[start, end)`` of a new session."""
+        """Reserve a KV cache for blocks ``[start, end)`` of a new session, whose steps
+        queue with ``priority`` (default: inference, no bid) and run with ``adapter``'s
+        LoRA matrices (the session keeps them until it closes)."""
         self._ensure_reaper()
         self._check_range(start, end)
         if max_length > self.shape.max_length:
             raise SessionError(
                 f"max_length {max_length} exceeds the model's {self.shape.max_length} positions"
             )
+        # Resolved before reserving or charging anything: a refused open costs nothing.
+        tensors = self._adapter(adapter, start, end)
         await self.caches.allocate(
             session_id,
             first=start,
@@ -226,6 +293,14 @@ class BlockServer:
             max_length=max_length,
             wait_s=wait_s,
         )
+        if tensors is None and (priority is None or priority == INFERENCE):
+            return
+        context = _SessionContext(
+            priority=await self._paid(priority or INFERENCE),
+            adapter=tensors,
+            scaling=adapter.scaling if adapter is not None else 0.0,
+        )
+        self.caches.get(session_id).context = context
 
     async def close(self, session_id: str) -> bool:
         """Free a session's cache; closing twice is harmless."""
@@ -295,40 +370,170 @@ class BlockServer:
         self, cache: SessionCache, hidden: torch.Tensor, position: int
     ) -> torch.Tensor:
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Step(cache, hidden, position, future))
+        priority = (cache.context or _PLAIN).priority
+        self._enqueue(_Step(cache, hidden, position, future, priority.order(next(self._arrivals))))
+        return await future
+
+    async def _paid(self, priority: Priority) -> Priority:
+        """``priority`` with its bid charged to the client's account, or without the bid
+        when it cannot be paid (too few points, no points bank): served, just not first."""
+        if not priority.bid:
+            return priority
+        assert priority.account is not None
+        if await self._meter.charge(priority.account, priority.bid):
+            return priority
+        self.unpaid_bids += 1
+        return Priority(training=priority.training, account=priority.account)
+
+    async def _run(self, run: Callable[[], Any], priority: Priority) -> Any:
+        """Queue a stateless request by ``priority`` (its bid charged first) and wait."""
+        priority = await self._paid(priority)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Task(run, future, priority.order(next(self._arrivals))))
+        return await future
+
+    def _enqueue(self, item: _Queued) -> None:
+        self._queue.append(item)
         self._arrived.set()
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
-        return await future
 
-    async def forward(self, wire: WireTensor, start: int, end: int) -> WireTensor:
-        """A stateless forward through blocks ``[start, end)`` (no cache, full causal mask)."""
+    # -- stateless forward and backward (scoring, training) --------------------------------
+
+    def _adapter(
+        self, payload: AdapterPayload | None, start: int, end: int
+    ) -> dict[str, torch.Tensor] | None:
+        if payload is None:
+            return None
+        tensors = self.adapters.resolve(payload, self.device)
+        outside = sorted(b for b in blocks_of(tensors) if not start <= b < end)
+        if outside:
+            raise SessionError(
+                f"adapter {payload.key!r} has weights for blocks {outside[:4]} outside the "
+                f"requested range [{start}, {end})"
+            )
+        return tensors
+
+    def _positions(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.arange(hidden.shape[1], device=self.device).expand(hidden.shape[0], -1)
+
+    async def forward(
+        self,
+        wire: WireTensor,
+        start: int,
+        end: int,
+        adapter: AdapterPayload | None = None,
+        priority: Priority | None = None,
+    ) -> WireTensor:
+        """A stateless forward through blocks ``[start, end)`` (no cache, full causal mask),
+        with ``adapter``'s LoRA matrices applied for this request only."""
         self._check_range(start, end)
         hidden = decode(wire, self.device)
-        positions = torch.arange(hidden.shape[1], device=self.device).expand(hidden.shape[0], -1)
+        tensors = self._adapter(adapter, start, end)
+        scaling = adapter.scaling if adapter is not None else 0.0
 
         def run() -> torch.Tensor:
             begin = time.perf_counter()
-            with torch.no_grad():
-                out = self.span.forward(hidden, positions, None, start, end)
+            with torch.no_grad(), lora_applied(self.span.layers, self.span.first, tensors, scaling):
+                out = self.span.forward(hidden, self._positions(hidden), None, start, end)
             self._account(1, hidden.shape[0] * hidden.shape[1], time.perf_counter() - begin)
             return out
 
-        out = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        priority = priority or INFERENCE
+        out = await self._run(run, priority)
+        self._meter.add("forward", hidden.shape[0] * hidden.shape[1], end - start, priority.account)
         return encode(out, self.config.compression)
+
+    async def backward(
+        self,
+        wire: WireTensor,
+        grad_wire: WireTensor,
+        start: int,
+        end: int,
+        adapter: AdapterPayload | None = None,
+        priority: Priority | None = None,
+    ) -> tuple[WireTensor, dict[str, torch.Tensor]]:
+        """Gradients of blocks ``[start, end)`` at input ``wire`` for output gradient
+        ``grad_wire``: the input's gradient, and each of ``adapter``'s matrices'.
+
+        The forward is recomputed here from the input (the server keeps no activations
+        between requests, so any replica can answer). Only the request's own copies of
+        the adapter matrices get gradients: the blocks' weights are frozen.
+        """
+        self._check_range(start, end)
+        hidden = decode(wire, self.device)
+        grad = decode(grad_wire, self.device)
+        if grad.shape != hidden.shape:
+            raise SessionError(
+                f"output gradient of shape {tuple(grad.shape)} for an input of shape "
+                f"{tuple(hidden.shape)}"
+            )
+        tensors = self._adapter(adapter, start, end)
+        scaling = adapter.scaling if adapter is not None else 0.0
+
+        def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            begin = time.perf_counter()
+            with torch.enable_grad():
+                inputs = hidden.detach().requires_grad_(True)
+                params = {n: t.detach().requires_grad_(True) for n, t in (tensors or {}).items()}
+                with lora_applied(self.span.layers, self.span.first, params, scaling):
+                    out = self.span.forward(inputs, self._positions(inputs), None, start, end)
+                out.backward(grad.to(out.dtype))
+            self.backward_passes += 1
+            self._account(1, hidden.shape[0] * hidden.shape[1], time.perf_counter() - begin)
+            assert inputs.grad is not None
+            grads = {
+                n: (p.grad if p.grad is not None else torch.zeros_like(p)).cpu()
+                for n, p in params.items()
+            }
+            return inputs.grad, grads
+
+        priority = priority or INFERENCE
+        grad_in, grads = await self._run(run, priority)
+        self._meter.add(
+            "backward", hidden.shape[0] * hidden.shape[1], end - start, priority.account
+        )
+        return encode(grad_in, self.config.compression), grads
+
+    async def release_adapter(self, key: str) -> bool:
+        """Forget a client's cached adapter weights (a client calls this when done)."""
+        return self.adapters.release(key)
+
+    async def weights_digest(self) -> str:
+        """SHA-256 over every weight and buffer of the served blocks: equal before and after
+        any amount of training on this server."""
+
+        def run() -> str:
+            h = hashlib.sha256()
+            for name, tensor in sorted(self.span.layers.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            return h.hexdigest()
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     # -- batching --------------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Step]:
-        """The oldest request, plus every other single-token step over the same blocks."""
-        first = self._queue.pop(0)
-        batch = [first]
-        if first.hidden.shape[1] != 1:
+    def _head(self) -> _Queued:
+        """The queued request to run next: the lowest priority order."""
+        return min(self._queue, key=lambda item: item.order)
+
+    def _next_batch(self) -> list[_Queued]:
+        """The first request by priority, plus, for a decode step, every other queued
+        single-token step over the same blocks."""
+        first = self._head()
+        self._queue.remove(first)
+        batch: list[_Queued] = [first]
+        if isinstance(first, _Task) or first.hidden.shape[1] != 1:
             return batch
         rows = first.hidden.shape[0]
-        keep: list[_Step] = []
+        keep: list[_Queued] = []
         for item in self._queue:
+            if isinstance(item, _Task):
+                keep.append(item)
+                continue
             same_blocks = (item.cache.first, item.cache.end) == (first.cache.first, first.cache.end)
+            same_blocks = same_blocks and _adapter_of(item) is _adapter_of(first)
             fits = rows + item.hidden.shape[0] <= self.config.max_batch_rows
             if item.hidden.shape[1] == 1 and same_blocks and fits:
                 batch.append(item)
@@ -345,12 +550,17 @@ class BlockServer:
         carries one or two rows: the weights are read once per row instead of once per
         batch. The wait is bounded by ``batch_wait_s`` and skipped for a lone session.
         """
-        if self.config.batch_wait_s <= 0 or self._queue[0].hidden.shape[1] != 1:
+        head = self._head()
+        if self.config.batch_wait_s <= 0 or isinstance(head, _Task) or head.hidden.shape[1] != 1:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.batch_wait_s
         while True:
-            queued = {id(item.cache) for item in self._queue if item.hidden.shape[1] == 1}
+            queued = {
+                id(item.cache)
+                for item in self._queue
+                if isinstance(item, _Step) and item.hidden.shape[1] == 1
+            }
             if len(queued) >= self.caches.active_sessions(_ACTIVE_WITHIN_S):
                 return
             remaining = deadline - loop.time()
@@ -365,13 +575,16 @@ class BlockServer:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
-            batch: list[_Step] = []
+            batch: list[_Queued] = []
             try:
                 # Let requests delivered in the same instant join this batch.
                 await asyncio.sleep(0)
                 await self._gather()
                 batch = self._next_batch()
-                outputs = await loop.run_in_executor(self._pool, self._run_batch, batch)
+                if isinstance(batch[0], _Task):
+                    outputs = [await loop.run_in_executor(self._pool, batch[0].run)]
+                else:
+                    outputs = await loop.run_in_executor(self._pool, self._run_batch, batch)
             except Exception as exc:
                 # Fail the requests, never the loop: a dead drain task would leave every
                 # later request waiting forever.
@@ -405,7 +618,9 @@ class BlockServer:
         self.largest_batch = max(self.largest_batch, len(batch))
         start, end = batch[0].cache.first, batch[0].cache.end
         begin = time.perf_counter()
-        with torch.no_grad():
+        context = batch[0].cache.context or _PLAIN  # a batch shares one adapter
+        layers, first = self.span.layers, self.span.first
+        with torch.no_grad(), lora_applied(layers, first, context.adapter, context.scaling):
             out = self.span.forward(hidden, torch.cat(positions), slots, start, end)
         elapsed = time.perf_counter() - begin
         self._account(len(batch), hidden.shape[0] * hidden.shape[1], elapsed)
@@ -414,4 +629,8 @@ class BlockServer:
             self.block_latency_s += _LATENCY_EMA * (per_block - self.block_latency_s)
         for item in batch:
             item.cache.length = item.position + item.hidden.shape[1]
+            account = (item.cache.context or _PLAIN).priority.account
+            self._meter.add(
+                "inference", item.hidden.shape[0] * item.hidden.shape[1], end - start, account
+            )
         return list(out.split([b.hidden.shape[0] for b in batch])) if len(batch) > 1 else [out]

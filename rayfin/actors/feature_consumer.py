@@ -20,8 +20,10 @@ from rayfin.stream.consumer import ConsumerConfig, StreamConsumer
 class FeatureConsumer:
     """Consumes the market topics into features until :meth:`stop`."""
 
-    def __init__(self, config: ConsumerConfig, name: str = "consumer", trader: Any = None) -> None:
-        self.consumer = StreamConsumer(config, name, trader)
+    def __init__(
+        self, config: ConsumerConfig, name: str = "consumer", trader: Any = None, scorer: Any = None
+    ) -> None:
+        self.consumer = StreamConsumer(config, name, trader, scorer)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -70,14 +72,16 @@ def launch_consumers(
     num_cpus: float = 0.5,
     prefix: str = "consumer",
     trader: Any = None,
+    scorer: Any = None,
 ) -> list[Any]:
     """Start ``count`` members of ``config.group_id``, handing their tick features to
-    ``trader`` (a :class:`~rayfin.actors.trader.TradingActor`) if given; returns their
-    handles, started."""
+    ``trader`` (a :class:`~rayfin.actors.trader.TradingActor`) if given, and scoring their
+    news with ``scorer`` (a :class:`~rayfin.actors.sentiment.SentimentActor`) if given;
+    returns their handles, started."""
     actor = ray.remote(FeatureConsumer)
     handles = [
         actor.options(num_cpus=num_cpus, max_concurrency=100).remote(
-            config, f"{prefix}-{i}", trader
+            config, f"{prefix}-{i}", trader, scorer
         )
         for i in range(count)
     ]

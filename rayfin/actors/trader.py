@@ -1,7 +1,8 @@
 """``TradingActor``: the one live trader of an account, as a Ray actor.
 
 Every feature consumer of the group sends its tick-feature micro-batches here, so one
-portfolio and one risk manager see every symbol. The actor restarts after a crash
+portfolio and one risk manager see every symbol, and its scored news, which becomes the
+ticks' ``sentiment`` input. The actor restarts after a crash
 (``max_restarts``) and Ray retries the calls in flight (``max_task_retries``); the new
 instance resumes from the ledger checkpoint (:mod:`rayfin.trading.live`), so a retried
 batch is traded once.
@@ -14,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from rayfin.features.sentiment import DEFAULT_HALF_LIFE_S
 from rayfin.trading.engine import TradingConfig
 from rayfin.trading.ledger import Ledger
 from rayfin.trading.live import DEFAULT_TRADER_NAME, LiveTrader
@@ -31,8 +33,10 @@ class TradingActor:
         *,
         schema: str | None = None,
         name: str = DEFAULT_TRADER_NAME,
+        half_life_s: float = DEFAULT_HALF_LIFE_S,
     ) -> None:
-        self.live = LiveTrader(model, config, Ledger(ledger_url, schema=schema), name=name)
+        ledger = Ledger(ledger_url, schema=schema)
+        self.live = LiveTrader(model, config, ledger, name=name, half_life_s=half_life_s)
 
     def on_features(self, topic: str, rows: pa.Table) -> int:
         """Trade a micro-batch of tick-feature rows of ``topic``; returns rows traded."""
@@ -40,6 +44,15 @@ class TradingActor:
         before = self.live.records
         self.live.on_features(topic, columns)
         return self.live.records - before
+
+    def on_news(self, topic: str, rows: pa.Table) -> int:
+        """Add scored stories of ``topic`` (``ts``, ``symbols``, ``sentiment``,
+        ``partition``, ``offset``) to the sentiment book; returns the stories added."""
+        columns: dict[str, Any] = {
+            name: rows.column(name).to_numpy() for name in rows.column_names if name != "symbols"
+        }
+        columns["symbols"] = rows.column("symbols").to_pylist()
+        return self.live.on_news(topic, columns)
 
     def stats(self) -> dict[str, Any]:
         return self.live.stats()
@@ -61,6 +74,7 @@ def launch_trader(
     *,
     schema: str | None = None,
     name: str = DEFAULT_TRADER_NAME,
+    half_life_s: float = DEFAULT_HALF_LIFE_S,
     num_cpus: float = 0.5,
 ) -> Any:
     """Start the trading actor (restarting on failure, retrying calls in flight); returns
@@ -68,7 +82,7 @@ def launch_trader(
     handle = (
         ray.remote(TradingActor)
         .options(num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1)
-        .remote(model, config, ledger_url, schema=schema, name=name)
+        .remote(model, config, ledger_url, schema=schema, name=name, half_life_s=half_life_s)
     )
     ray.get(handle.stats.remote())  # constructed: checkpoint loaded, ledger reachable
     return handle

@@ -56,6 +56,8 @@ def _connect(*, start_local: bool) -> str:
     from rayfin.cluster import connect_ray
     from rayfin.config import get_settings
 
+    if ray.is_initialized():  # invoked in a process that already joined one
+        return ray.get_runtime_context().gcs_address
     settings = run_guarded(get_settings).ray
     address = settings.address or (None if start_local else "auto")
     hint = "start one with `ray start --head` and set RAYFIN_RAY__ADDRESS=auto"
@@ -124,6 +126,20 @@ def serve(
         bool,
         typer.Option(help="Leave the swarm running on the cluster and exit at once."),
     ] = False,
+    points: Annotated[
+        bool,
+        typer.Option(
+            help="Run the swarm's points bank (on --points-url, default database.points_url): "
+            "servers earn for their work and charge clients' bids."
+        ),
+    ] = False,
+    points_url: Annotated[
+        str | None, typer.Option(help="Points ledger database URL (implies --points).")
+    ] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option(help="Points account the servers' work is credited to [each server id]."),
+    ] = None,
 ) -> None:
     """Start a swarm serving MODEL; in the foreground until Ctrl-C, or --detach."""
     import signal
@@ -160,6 +176,9 @@ def serve(
                 compression=_option(compression),
                 cache_bytes=cache_mb * _MIB,
                 num_cpus=num_cpus,
+                points_url=points_url
+                or (run_guarded(get_settings).database.points_url if points else None),
+                operator=operator,
                 max_restarts=max_restarts,
                 detached=detach,
             )
@@ -333,3 +352,302 @@ def generate(
         raise fail(str(exc)) from None
     text = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     typer.echo(text.strip() if chat else text)
+
+
+# -- the adapter hub ---------------------------------------------------------------------------
+
+
+def _adapter_ref(value: str | None) -> tuple[str | None, int | str | None]:
+    """``NAME`` or ``NAME@VERSION`` (a number or an alias)."""
+    name, _, version = (value or "").partition("@")
+    return name or None, (int(version) if version.isdigit() else version or None)
+
+
+@app.command()
+def sentiment(
+    headlines: Annotated[list[str], typer.Argument(help="One or more headlines.")],
+    name: NameOption = "default",
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="A tuned adapter from the hub: NAME or NAME@VERSION (zero-shot without)."
+        ),
+    ] = None,
+    hub: Annotated[str | None, typer.Option(help="Adapter hub path or s3:// URI.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Score news HEADLINES (negative / neutral / positive) on a running swarm."""
+    swarm = _join_swarm(name)
+    from rayfin.sentiment import LABELS, polarity, predicted_labels
+    from rayfin.sentiment.llm import LLMSentimentScorer
+
+    adapter_name, version = _adapter_ref(adapter)
+    scorer = run_guarded(
+        LLMSentimentScorer.from_options,
+        model=swarm.spec.model,
+        swarm=name,
+        adapter=adapter_name,
+        version=version,
+        hub=hub,
+    )
+    scores = run_guarded(scorer.score, headlines)
+    rows = [
+        {"headline": h, **dict(zip(LABELS, map(float, p), strict=True)), "label": label,
+         "sentiment": float(v)}
+        for h, p, label, v in zip(headlines, scores, predicted_labels(scores), polarity(scores),
+                                  strict=True)
+    ]  # fmt: skip
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("headline", *LABELS, "label", "sentiment")
+    for row in rows:
+        table.add_row(
+            row["headline"], *(f"{row[k]:.3f}" for k in LABELS), row["label"],
+            f"{row['sentiment']:+.3f}",
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command("tune-sentiment")
+def tune_sentiment(
+    name: NameOption = "default",
+    adapter: Annotated[str, typer.Option(help="Hub name to save the adapter under.")] = (
+        "news-sentiment"
+    ),
+    hub: Annotated[str | None, typer.Option(help="Adapter hub path or s3:// URI.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    rank: Annotated[int, typer.Option(min=1)] = 8,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+) -> None:
+    """Train a LoRA sentiment adapter on the bundled headlines' train split (on a running
+    swarm), score the validation split, and save it to the adapter hub."""
+    swarm = _join_swarm(name)
+    from rayfin.datasets import load_headlines
+    from rayfin.sentiment.llm import LLMSentimentScorer
+    from rayfin.sentiment.metrics import evaluate
+
+    scorer = run_guarded(LLMSentimentScorer.from_options, model=swarm.spec.model, swarm=name)
+    train, validation = load_headlines("train"), load_headlines("validation")
+    report = run_guarded(
+        scorer.tune,
+        list(train.headline),
+        list(train.label),
+        rank=rank,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+    )
+    scores = evaluate(list(validation.label), scorer.score(list(validation.headline)))
+    card = run_guarded(
+        scorer.save,
+        adapter,
+        hub,
+        report=report,
+        metrics={"validation_accuracy": scores.accuracy, "validation_macro_f1": scores.macro_f1},
+    )
+    console.print(
+        f"saved [bold]{card.name}[/bold] v{card.version}: {report.steps} steps in "
+        f"{report.seconds:.0f} s, final loss {report.final_loss:.3f}; validation accuracy "
+        f"{scores.accuracy:.1%}, macro-F1 {scores.macro_f1:.3f}"
+    )
+
+
+adapters_app = typer.Typer(
+    help="Saved LoRA and prompt-tuning adapters in the adapter hub.", no_args_is_help=True
+)
+app.add_typer(adapters_app, name="adapters")
+
+HubOption = Annotated[
+    str | None,
+    typer.Option("--hub", help="Adapter hub, a path or s3:// URI (default: <state_dir>/adapters)."),
+]
+
+
+def _adapter_hub(path: str | None):  # -> rayfin.llm.hub.AdapterHub
+    from rayfin.llm.hub import AdapterHub
+
+    return run_guarded(AdapterHub, path)
+
+
+@adapters_app.command("list")
+def adapters_list(
+    hub: HubOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the latest version of every adapter in the hub."""
+    store = _adapter_hub(hub)
+    cards = run_guarded(store.list)
+    if as_json:
+        console.print_json(json.dumps([card.to_dict() for card in cards]))
+        return
+    if not cards:
+        console.print(f"no adapters in {store.root}", highlight=False)
+        return
+    table = Table(
+        Column("name", no_wrap=True), "latest", "kind", "task", "base model", "parameters",
+        "aliases", title=store.root,
+    )  # fmt: skip
+    for card in cards:
+        aliases = run_guarded(store.aliases, card.name)
+        table.add_row(
+            card.name,
+            f"v{card.version}",
+            card.kind,
+            card.task,
+            card.base_model,
+            f"{card.num_parameters:,}",
+            ", ".join(f"{alias}: v{number}" for alias, number in sorted(aliases.items())),
+        )
+    console.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version number or alias (default: latest).")
+    ] = None,
+    hub: HubOption = None,
+) -> None:
+    """Print the card of one version of adapter NAME, as JSON."""
+    store = _adapter_hub(hub)
+    card = run_guarded(store.card, name, version)
+    aliases = run_guarded(store.aliases, name)
+    data = card.to_dict() | {
+        "path": card.path,
+        "aliases": sorted(alias for alias, number in aliases.items() if number == card.version),
+    }
+    console.print_json(json.dumps(data))
+
+
+# -- the points ledger -------------------------------------------------------------------------
+
+points_app = typer.Typer(
+    help="Points servers earned and clients spent, read from the points database (no Ray).",
+    no_args_is_help=True,
+)
+app.add_typer(points_app, name="points")
+
+PointsUrlOption = Annotated[
+    str | None,
+    typer.Option("--url", help="Points database URL (default: the database.points_url setting)."),
+]
+PointsSchemaOption = Annotated[
+    str | None, typer.Option("--schema", help="PostgreSQL schema holding the tables.")
+]
+
+
+def _points_ledger(url: str | None, schema: str | None):  # -> rayfin.llm.points.PointsLedger
+    from rayfin.llm.points import PointsLedger
+
+    return run_guarded(PointsLedger, url, schema=schema)
+
+
+def _points_guarded(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """:func:`run_guarded`, and a database that cannot be reached is a clean exit too."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return run_guarded(func, *args, **kwargs)
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise fail(f"the points database cannot be used: {str(cause).strip()}") from None
+
+
+def _cell(value: object) -> str:
+    return "" if value is None or value != value else str(value)  # None, or NaN from pandas
+
+
+@points_app.command("balance")
+def points_balance(
+    account: Annotated[str | None, typer.Argument(help="One account (default: all).")] = None,
+    url: PointsUrlOption = None,
+    schema: PointsSchemaOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the points balance of ACCOUNT, or of every account."""
+    ledger = _points_ledger(url, schema)
+    try:
+        if account is not None:
+            balances = {account: _points_guarded(ledger.balance, account)}
+        else:
+            balances = _points_guarded(ledger.balances)
+    finally:
+        ledger.close()
+    if as_json:
+        console.print_json(json.dumps(balances))
+        return
+    if not balances:
+        console.print(f"no accounts in {ledger.url}", highlight=False)
+        return
+    table = Table(Column("account", no_wrap=True), Column("points", justify="right"))
+    for name, points in balances.items():
+        table.add_row(name, f"{points:,}")
+    console.print(table)
+
+
+@points_app.command("grant")
+def points_grant(
+    account: Annotated[str, typer.Argument(help="The account credited.")],
+    points: Annotated[int, typer.Argument(min=1, help="Points to credit.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, kept in the history.")],
+    grant_id: Annotated[
+        str | None, typer.Option("--id", help="Grant id: a second grant of it does nothing.")
+    ] = None,
+    url: PointsUrlOption = None,
+    schema: PointsSchemaOption = None,
+) -> None:
+    """Credit POINTS to ACCOUNT (e.g. a new client's first points)."""
+    ledger = _points_ledger(url, schema)
+    try:
+        granted = _points_guarded(ledger.grant, account, points, reason, grant_id=grant_id)
+        balance = _points_guarded(ledger.balance, account)
+    finally:
+        ledger.close()
+    if granted:
+        console.print(f"granted {points:,} points to {account}; balance {balance:,}")
+    else:
+        console.print(f"grant {grant_id} was already made; {account} has {balance:,} points")
+
+
+@points_app.command("history")
+def points_history(
+    account: Annotated[str | None, typer.Option("--account", help="One account only.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Newest entries shown.")] = 50,
+    url: PointsUrlOption = None,
+    schema: PointsSchemaOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the newest earnings, spends and grants, of one account or all."""
+    import datetime as dt
+
+    ledger = _points_ledger(url, schema)
+    try:
+        frame = _points_guarded(ledger.history, account, limit)
+    finally:
+        ledger.close()
+    if as_json:
+        console.print_json(frame.to_json(orient="records"))
+        return
+    table = Table(
+        Column("time (UTC)", no_wrap=True), Column("account", no_wrap=True), "kind",
+        Column("points", justify="right"), "work", "server", "client", "request",
+        Column("tokens", justify="right"), "detail",
+    )  # fmt: skip
+    for row in frame.itertuples(index=False):
+        at = dt.datetime.fromtimestamp(row.at_ns // 1_000_000_000, dt.UTC)
+        table.add_row(
+            at.strftime("%Y-%m-%d %H:%M:%S"),
+            row.account,
+            row.kind,
+            f"{row.amount:+,}",
+            _cell(row.work),
+            _cell(row.server_id),
+            _cell(row.client),
+            _cell(row.request_id),
+            f"{row.tokens:,}" if row.tokens else "",
+            _cell(row.detail),
+        )
+    console.print(table)

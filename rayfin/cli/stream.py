@@ -19,6 +19,7 @@ from rayfin.cli.trading import (
 )
 
 KINDS = ("ticks", "book", "news")
+SENTIMENT_CHOICES = ("none", "vader", "llm")
 
 
 def _kinds(value: str) -> tuple[str, ...]:
@@ -57,6 +58,26 @@ def consume(
     ledger: Annotated[
         str | None, typer.Option(help="Trading ledger database URL [database.url].")
     ] = None,
+    sentiment: Annotated[
+        str,
+        typer.Option(
+            help="Score the news headlines (vader, llm or none); with --trade the scores "
+            "become the ticks' decayed sentiment input."
+        ),
+    ] = "none",
+    swarm: Annotated[
+        str, typer.Option(help="With --sentiment llm: the running swarm to score on.")
+    ] = "default",
+    sentiment_adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="With --sentiment llm: a tuned adapter from the hub, NAME or NAME@VERSION "
+            "(a number or an alias); zero-shot without one."
+        ),
+    ] = None,
+    adapter_hub: Annotated[
+        str | None, typer.Option(help="Adapter hub path or s3:// URI [state dir/adapters].")
+    ] = None,
 ) -> None:
     """Compute live features from the market topics into the Parquet archive.
 
@@ -66,6 +87,8 @@ def consume(
 
     With --trade, one trading actor scores and trades every tick-feature row (simulated
     execution) into the ledger; run again, it resumes from the ledger's checkpoint.
+    With --sentiment, a scorer actor scores each headline; the archived news carries the
+    scores, and the trader decays them per symbol into the model's sentiment input.
     """
     from rayfin.actors.feature_consumer import launch_consumers
     from rayfin.cluster import ensure_ray
@@ -82,6 +105,10 @@ def consume(
         topics=Topics.prefixed(stream.topic_prefix if topic_prefix is None else topic_prefix),
         kinds=_kinds(kinds),
     )
+    if sentiment not in SENTIMENT_CHOICES:
+        raise typer.BadParameter(f"--sentiment: expected one of {', '.join(SENTIMENT_CHOICES)}")
+    if sentiment != "none" and "news" not in config.kinds:
+        raise typer.BadParameter("--sentiment scores the news topic: add news to --kinds")
     loaded = load_model(model, registry) if trade else None
     started_ray = run_guarded(ensure_ray)
     import ray
@@ -99,6 +126,12 @@ def consume(
                 num_cpus=num_cpus,
             )
             console.print(f"trading with {loaded!r} into {ray.get(trader.ledger_url.remote())}")
+        options: dict[str, Any] = {}
+        if sentiment == "llm":
+            name, _, version = (sentiment_adapter or "").partition("@")
+            options = {"swarm": swarm, "adapter": name or None, "hub": adapter_hub}
+            options["version"] = int(version) if version.isdigit() else version or None
+        scorer = None if sentiment == "none" else _launch_scorer(sentiment, num_cpus, **options)
         console.print(
             f"starting {consumers} consumer(s) in group {config.group_id!r} on "
             f"{config.bootstrap_servers}, archiving to {config.archive}"
@@ -110,6 +143,7 @@ def consume(
             num_cpus=num_cpus,
             prefix=config.group_id,
             trader=trader,
+            scorer=scorer,
         )
         stopped_by = _watch(members, seconds, trader)
         final = [ray.get(m.stop.remote()) for m in members]
@@ -119,6 +153,27 @@ def consume(
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _launch_scorer(kind: str, num_cpus: float, **options: Any) -> Any:
+    """The sentiment actor, its scorer of ``kind`` (built with ``options``) made in it."""
+    import functools
+
+    import ray
+
+    from rayfin.actors.sentiment import launch_sentiment
+    from rayfin.sentiment.factory import make_scorer
+
+    try:
+        scorer = launch_sentiment(
+            functools.partial(make_scorer, kind, **options), num_cpus=num_cpus
+        )
+    except ray.exceptions.RayError as exc:
+        # The last line names the error the factory raised in the actor.
+        last = str(exc).strip().splitlines()[-1]
+        raise fail(f"the {kind} sentiment scorer did not start: {last}") from None
+    console.print(f"scoring news headlines with {ray.get(scorer.stats.remote())['scorer']}")
+    return scorer
 
 
 def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str:
@@ -150,8 +205,8 @@ def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str
                 except ray.exceptions.RayError as exc:
                     raise fail(f"the trader failed: {exc}") from None
                 line += (
-                    f"; traded {trading['records']:,}, {trading['risk_state']}, "
-                    f"equity {trading['equity']:,.0f}"
+                    f"; traded {trading['records']:,}, news {trading['news']:,}, "
+                    f"{trading['risk_state']}, equity {trading['equity']:,.0f}"
                 )
             console.print(line)
     except KeyboardInterrupt:
@@ -180,7 +235,8 @@ def _report(final: list[dict[str, Any]], stopped_by: str) -> None:
 
 def _report_trading(stats: dict[str, Any]) -> None:
     console.print(
-        f"traded {stats['records']:,} ticks ({stats['risk_state']}): realized "
+        f"traded {stats['records']:,} ticks, {stats['news']:,} news ({stats['risk_state']}): "
+        "realized "
         f"{stats['realized_pnl']:,.2f}, unrealized {stats['unrealized_pnl']:,.2f}, open "
         f"{', '.join(stats['open_positions']) or 'nothing'}; decisions "
         + ", ".join(f"{reason} {n:,}" for reason, n in sorted(stats["outcomes"].items()))

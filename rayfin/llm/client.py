@@ -2,11 +2,14 @@
 
 The client holds the token embeddings, the final norm and the LM head, and sends hidden
 states through a chain of block servers. It offers what a transformers model does for
-inference: ``model(input_ids).logits``, ``generate(...)``, plus explicit sessions.
+inference: ``model(input_ids).logits``, ``generate(...)``, plus explicit sessions, and it
+trains client-held adapters (:meth:`DistributedCausalLM.add_lora`,
+:meth:`~DistributedCausalLM.add_prompt_tuning`, :meth:`~DistributedCausalLM.train_adapter`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rayfin.errors import SessionError
+from rayfin.errors import LLMError, SessionError
+from rayfin.llm.backprop import RemoteBackprop
 from rayfin.llm.checkpoint import load_client_parts, load_config, model_shape
 from rayfin.llm.cohort import StepCohort
 from rayfin.llm.generation import SamplingOptions, StopState, TokenSelector
 from rayfin.llm.loading import resolve_model_path
+from rayfin.llm.lora import LoraAdapter, LoraConfig
+from rayfin.llm.priority import INFERENCE, Priority
 from rayfin.llm.remote import ClientOptions, RemoteBlocks
 from rayfin.llm.session import BlockSession, step_together
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+    from rayfin.llm.finetune import ClassificationHead, PromptPrefix, TrainingReport
+    from rayfin.llm.hub import AdapterCard, AdapterHub
     from rayfin.llm.swarm import Swarm
 
 
@@ -38,9 +46,17 @@ class CausalLMOutput:
 class InferenceSession:
     """Token ids in, logits out, one step at a time, with caches kept on the servers."""
 
-    def __init__(self, model: DistributedCausalLM, blocks: BlockSession) -> None:
+    def __init__(
+        self,
+        model: DistributedCausalLM,
+        blocks: BlockSession,
+        prefix: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.blocks = blocks
+        # The prompt-tuning prefix fed before the first tokens (the adapter's matrices went
+        # to the servers at open): the session keeps the adapter it was opened with.
+        self.prefix = prefix
         # The last token generate() chose but did not feed yet; a continued generate()
         # feeds it first, so consecutive calls chain like one long generation.
         self.unfed = torch.zeros(blocks.batch_size, 0, dtype=torch.long)
@@ -85,8 +101,10 @@ class DistributedCausalLM:
         remote: RemoteBlocks,
         *,
         generation_defaults: dict[str, Any] | None = None,
+        path: str | None = None,
     ) -> None:
         self.config = config
+        self.path = path
         self.shape = model_shape(config)
         self.embed_tokens = embed_tokens
         self.norm = norm
@@ -94,6 +112,12 @@ class DistributedCausalLM:
         self.remote = remote
         self.generation_defaults = generation_defaults or {}
         self._cohort = StepCohort(self._step_sessions)
+        self.backprop = RemoteBackprop(remote)
+        # Client-held trainable parts: the servers only ever see them per request.
+        self.adapter: LoraAdapter | None = None
+        self.prompt_prefix: PromptPrefix | None = None
+        self.head: ClassificationHead | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
 
     @classmethod
     def from_pretrained(
@@ -124,7 +148,13 @@ class DistributedCausalLM:
         name = swarm if isinstance(swarm, str) else swarm.name
         remote = RemoteBlocks(name, config.num_hidden_layers, options)
         return cls(
-            config, embed, norm, head, remote, generation_defaults=_generation_defaults(path)
+            config,
+            embed,
+            norm,
+            head,
+            remote,
+            generation_defaults=_generation_defaults(path),
+            path=str(path),
         )
 
     # -- the local parts -----------------------------------------------------------------
@@ -132,6 +162,147 @@ class DistributedCausalLM:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise LLMError("this model was built without a path; set model._tokenizer")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._tokenizer
+
+    # -- adapters (client-held) -------------------------------------------------------------
+
+    def add_lora(
+        self,
+        rank: int = 8,
+        alpha: float = 16.0,
+        target_modules: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
+        *,
+        seed: int = 0,
+    ) -> LoraAdapter:
+        """Attach a new LoRA adapter (on the client) to every block's ``target_modules``
+        (any of ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``); forwards and
+        training use it from now on. Returns it: its parameters are ordinary torch ones."""
+        config = LoraConfig(rank, float(alpha), tuple(target_modules))
+        self.adapter = LoraAdapter(config, self.config, seed=seed, dtype=self.dtype)
+        return self.adapter
+
+    def add_prompt_tuning(self, num_virtual_tokens: int = 16, *, seed: int = 0) -> PromptPrefix:
+        """Attach a trainable prefix of ``num_virtual_tokens`` input embeddings."""
+        from rayfin.llm.finetune import PromptPrefix
+
+        self.prompt_prefix = PromptPrefix(self.embed_tokens, num_virtual_tokens, seed=seed)
+        return self.prompt_prefix
+
+    def remove_adapters(self) -> None:
+        """Back to the base model; tells the servers to drop cached matrices."""
+        self.adapter = None
+        self.prompt_prefix = None
+        self.head = None
+        self.backprop.release()
+
+    def save_adapter(
+        self,
+        name: str,
+        hub: AdapterHub | str | None = None,
+        *,
+        task: str = "causal-lm",
+        labels: tuple[str, ...] | list[str] | None = None,
+        metrics: dict[str, float] | None = None,
+        training_data_fingerprint: str = "",
+        extra: dict[str, Any] | None = None,
+    ) -> AdapterCard:
+        """Save the attached LoRA adapter and/or prefix (and classification head) as the
+        next version of ``name`` in ``hub`` (a path, or the default hub)."""
+        from rayfin.llm.hub import AdapterHub
+
+        if self.adapter is None and self.prompt_prefix is None:
+            raise LLMError("no adapter to save: call add_lora(...) or add_prompt_tuning(...)")
+        if self.path is None:
+            raise LLMError("this model was built without a path, so its base hash is unknown")
+        hub = hub if isinstance(hub, AdapterHub) else AdapterHub(hub)
+        tensors: dict[str, torch.Tensor] = {}
+        options: dict[str, Any] = {}
+        if self.adapter is not None:
+            tensors.update(self.adapter.state_tensors())
+            config = self.adapter.config
+            options |= {
+                "rank": config.rank,
+                "alpha": config.alpha,
+                "target_modules": config.target_modules,
+            }
+        if self.prompt_prefix is not None:
+            tensors["prompt.embeddings"] = self.prompt_prefix.embeddings.detach().cpu().clone()
+            options["num_virtual_tokens"] = self.prompt_prefix.num_virtual_tokens
+        if self.head is not None:
+            tensors["head.weight"] = self.head.linear.weight.detach().cpu().clone()
+            tensors["head.bias"] = self.head.linear.bias.detach().cpu().clone()
+            labels = labels or self.head.labels
+        return hub.save(
+            name,
+            tensors,
+            kind="lora" if self.adapter is not None else "prompt",
+            base_model=self.path,
+            task=task,
+            labels=labels,
+            training_data_fingerprint=training_data_fingerprint,
+            metrics=metrics,
+            extra=extra,
+            **options,
+        )
+
+    def load_adapter(
+        self, name: str, version: int | str | None = None, hub: AdapterHub | str | None = None
+    ) -> AdapterCard:
+        """Attach adapter ``name`` (``version``: a number, an alias, or the latest) from
+        ``hub``, refusing one trained on another base model."""
+        from rayfin.llm.finetune import ClassificationHead, PromptPrefix
+        from rayfin.llm.hub import AdapterHub, base_model_hash
+
+        if self.path is None:
+            raise LLMError("this model was built without a path, so its base hash is unknown")
+        hub = hub if isinstance(hub, AdapterHub) else AdapterHub(hub)
+        tensors, card = hub.load(name, version, base_model_hash=base_model_hash(self.path))
+        self.remove_adapters()
+        lora = {k: v for k, v in tensors.items() if k.startswith("blocks.")}
+        if lora:
+            assert card.rank is not None
+            assert card.alpha is not None
+            self.add_lora(card.rank, card.alpha, card.target_modules)
+            assert self.adapter is not None
+            self.adapter.load_tensors(lora)
+        if "prompt.embeddings" in tensors:
+            prefix = tensors["prompt.embeddings"]
+            self.prompt_prefix = PromptPrefix(self.embed_tokens, prefix.shape[0])
+            with torch.no_grad():
+                self.prompt_prefix.embeddings.copy_(prefix)
+        if "head.weight" in tensors:
+            weight = tensors["head.weight"]
+            self.head = ClassificationHead(weight.shape[1], card.labels or ())
+            with torch.no_grad():
+                self.head.linear.weight.copy_(weight)
+                self.head.linear.bias.copy_(tensors["head.bias"])
+        return card
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params: list[torch.nn.Parameter] = []
+        for part in (self.adapter, self.prompt_prefix):
+            if part is not None:
+                params += list(part.parameters())
+        return params
+
+    def train_adapter(
+        self, dataset: Any, epochs: int = 1, lr: float = 1e-3, **options: Any
+    ) -> TrainingReport:
+        """Train the attached adapter and/or prefix; see :func:`rayfin.llm.finetune.train_adapter`
+        for ``task`` (causal-lm, label-scoring, classification) and the other options."""
+        from rayfin.llm.finetune import train_adapter
+
+        return train_adapter(self, dataset, epochs=epochs, lr=lr, **options)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -148,10 +319,18 @@ class DistributedCausalLM:
         """One step of each session: embeddings, every block (one call per server for
         all of them), then one LM head pass over all their rows."""
         hidden: list[torch.Tensor | BaseException] = []
-        for _, input_ids in steps:
+        virtual: list[int] = []
+        for session, input_ids in steps:
             try:
-                hidden.append(self.embed(input_ids))
+                embeds = self.embed(input_ids)
+                first = session.prefix is not None and session.position == 0
+                if first:
+                    prefix = session.prefix.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+                    embeds = torch.cat([prefix, embeds], dim=1)
+                virtual.append(session.prefix.shape[0] if first else 0)
+                hidden.append(embeds)
             except Exception as exc:
+                virtual.append(0)
                 hidden.append(exc)
         outputs = step_together(
             [
@@ -162,6 +341,11 @@ class DistributedCausalLM:
         )
         ordered = iter(outputs)
         states = [h if isinstance(h, BaseException) else next(ordered) for h in hidden]
+        # The prefix's positions give no logits.
+        states = [
+            s[:, v:] if isinstance(s, torch.Tensor) and v else s
+            for s, v in zip(states, virtual, strict=True)
+        ]
         ready = [o for o in states if isinstance(o, torch.Tensor)]
         if not ready:
             return states
@@ -175,35 +359,59 @@ class DistributedCausalLM:
     # -- inference -------------------------------------------------------------------------
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        priority: Priority = INFERENCE,
     ) -> CausalLMOutput:
-        """Logits for every position of ``input_ids`` ``[batch, length]`` (no caches kept)."""
+        """Logits for every position of ``input_ids`` ``[batch, length]`` (no caches kept),
+        with the attached adapter and prefix, if any."""
         input_ids = _as_batch(input_ids)
         _check_unpadded(attention_mask)
-        self._check_length(input_ids.shape[1])
-        hidden = self.remote.forward(self.embed(input_ids))
-        return CausalLMOutput(logits=self.lm_logits(hidden))
+        prefix = self.prompt_prefix
+        virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        self._check_length(input_ids.shape[1] + virtual)
+        with torch.no_grad():
+            embeds = self.embed(input_ids)
+            if prefix is not None:
+                embeds = prefix.prepend(embeds)
+            hidden, _ = self.backprop.forward(embeds, self.adapter, priority=priority)
+        return CausalLMOutput(logits=self.lm_logits(hidden[:, virtual:]))
 
     __call__ = forward
 
     def inference_session(
-        self, max_length: int, *, batch_size: int = 1, wait_for_cache_s: float | None = None
+        self,
+        max_length: int,
+        *,
+        batch_size: int = 1,
+        wait_for_cache_s: float | None = None,
+        priority: Priority | None = None,
     ) -> InferenceSession:
         """Open a session of up to ``max_length`` tokens on a chain of servers.
 
         When the chosen servers' caches are full this raises :class:`CacheFullError`,
-        or first waits up to ``wait_for_cache_s`` seconds for room.
+        or first waits up to ``wait_for_cache_s`` seconds for room. ``priority`` (a bid
+        paid once per server at open) moves the session's steps ahead in the queues.
         """
+        prefix = self.prompt_prefix
+        if prefix is not None:
+            max_length += prefix.num_virtual_tokens
         self._check_length(max_length)
         element = torch.empty((), dtype=self.dtype).element_size()
+        adapter = self.adapter
         blocks = BlockSession(
             self.remote,
             max_length=max_length,
             batch_size=batch_size,
             kv_bytes_per_token_block=self.shape.kv_bytes_per_token(1, element),
             wait_for_cache_s=wait_for_cache_s,
+            priority=priority,
+            adapter=None if adapter is None else functools.partial(self.backprop.payload, adapter),
         )
-        return InferenceSession(self, blocks)
+        snapshot = None if prefix is None else prefix.embeddings.detach().clone()
+        return InferenceSession(self, blocks, snapshot)
 
     def _check_length(self, length: int) -> None:
         if length > self.shape.max_length:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,9 @@ class SessionCache:
     nbytes: int
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    # What the server attaches to the session (its queue priority, its adapter); freed
+    # with the cache, so nothing outlives an expired session.
+    context: Any = None
 
     @property
     def end(self) -> int:

@@ -1,8 +1,10 @@
 """The client's view of a swarm: which servers exist, how fast they are, and calls to them.
 
 :class:`RemoteBlocks` turns registry records into routing candidates (measuring each
-server's round trip as it asks for its load), builds chains, and runs stateless forwards
-with failover. Stateful generation goes through :class:`rayfin.llm.session.BlockSession`.
+server's round trip as it asks for its load), builds chains, and reports failed servers.
+Stateless passes (scoring, training) go through
+:class:`rayfin.llm.backprop.RemoteBackprop`, stateful generation through
+:class:`rayfin.llm.session.BlockSession`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
 
 from rayfin.errors import CacheFullError, LLMError, SwarmUnavailableError
-from rayfin.llm.compression import WireTensor, decode, encode
 from rayfin.llm.routing import Candidate, RoutingPolicy, Span, find_chain
 from rayfin.llm.server_info import ServerInfo, ServerRecord
 from rayfin.llm.swarm import connect_swarm
@@ -196,25 +196,3 @@ class RemoteBlocks:
     def call(self, ref: ray.ObjectRef) -> Any:
         """Wait for a server's reply, never longer than the step timeout."""
         return ray.get(ref, timeout=self.options.step_timeout_s)
-
-    # -- stateless forward -------------------------------------------------------------
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run every block on ``hidden`` without caches, routing around failed servers."""
-        excluded: set[str] = set()
-        position = 0
-        while position < self.num_blocks:
-            chain = self.plan(position, self.num_blocks, exclude=excluded)
-            for span in chain:
-                wire: WireTensor = encode(hidden, self.compression)
-                try:
-                    out = self.call(
-                        self.handle(span.server_id).forward.remote(wire, span.start, span.end)
-                    )
-                except SERVER_FAILURES:
-                    excluded.add(span.server_id)
-                    self.report_failure(span.server_id)
-                    break
-                hidden = decode(out, hidden.device).to(hidden.dtype)
-                position = span.end
-        return hidden

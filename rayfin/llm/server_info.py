@@ -36,6 +36,8 @@ class ServerConfig:
     # one session run one after another rather than at the same time.
     threads: int | None = None
     device: str | None = None  # None: CUDA when this actor was given a GPU, else CPU
+    # The points account this server's work is credited to (default: the server id).
+    operator: str | None = None
 
     @property
     def num_blocks(self) -> int:

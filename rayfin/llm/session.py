@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 
 from rayfin.errors import CacheFullError, LLMError, SessionError, SessionNotOpenError
 from rayfin.llm.compression import WireTensor, decode, encode
+from rayfin.llm.lora import AdapterPayload
+from rayfin.llm.priority import Priority
 from rayfin.llm.remote import SERVER_FAILURES, RemoteBlocks
 from rayfin.llm.routing import Span
 
@@ -57,8 +60,14 @@ class BlockSession:
         batch_size: int = 1,
         kv_bytes_per_token_block: int = 0,
         wait_for_cache_s: float | None = None,
+        priority: Priority | None = None,
+        adapter: Callable[[int, int], AdapterPayload | None] | None = None,
     ) -> None:
         self.remote = remote
+        self.priority = priority
+        # The adapter matrices for blocks [start, end): sent whole at every open (a
+        # replacement server after a failover included), kept by the server per session.
+        self.adapter = adapter
         self.max_length = max_length
         self.batch_size = batch_size
         self.wait_for_cache_s = wait_for_cache_s
@@ -132,6 +141,8 @@ class BlockSession:
                 self.batch_size,
                 self.max_length,
                 self.wait_for_cache_s,
+                self.priority,
+                self.adapter(state.span.start, state.span.end) if self.adapter else None,
             )
         )
 

@@ -70,6 +70,7 @@ class Swarm:
         # Ray ends an actor when its creator drops the last handle, so the Swarm that
         # launched servers holds theirs: a non-detached swarm lives as long as this object.
         self._owned: dict[str, Any] = {}
+        self.points_bank: Any | None = None  # the swarm's PointsBank, when it launched one
 
     def __repr__(self) -> str:
         return f"Swarm({self.name!r}, model={self.spec.model!r}, servers={len(self.servers())})"
@@ -194,13 +195,19 @@ class Swarm:
             ray.kill(record.handle)
 
     def shutdown(self) -> None:
-        """Stop every server and the registry."""
+        """Stop every server, the registry and the points bank (its ledger stays)."""
+        from rayfin.actors.points import find_points_bank
+
         for record in self.servers():
             ray.kill(record.handle)
         for handle in self._owned.values():
             ray.kill(handle)
         self._owned.clear()
         ray.kill(self.registry)
+        bank = self.points_bank or find_points_bank(self.name)
+        if bank is not None:
+            ray.kill(bank, no_restart=True)
+        self.points_bank = None
 
 
 def connect_swarm(name: str = "default") -> Swarm:
@@ -233,6 +240,8 @@ def launch_swarm(
     threads: int | None = None,
     env_vars: dict[str, str] | None = None,
     timeout_s: float = 600.0,
+    points_url: str | None = None,
+    operator: str | None = None,
 ) -> Swarm:
     """Start a swarm serving every block of ``model``: ``num_stages`` contiguous ranges,
     each with ``replicas`` servers, all registered under ``name``.
@@ -242,6 +251,9 @@ def launch_swarm(
     ``num_gpus`` defaults to one per server when the cluster has GPUs, else none.
     ``max_restarts`` lets Ray restart a crashed server (clients replay onto it);
     ``detached`` keeps the swarm alive after the launching process exits.
+    ``points_url`` (a database URL) starts the swarm's points bank there: servers then
+    credit their operators for the work they do and charge clients' bids. ``operator`` is
+    the points account the servers' work is credited to (default: each server's id).
     """
     from rayfin.actors.swarm_registry import SwarmRegistry, SwarmSpec
     from rayfin.llm.checkpoint import load_config, model_shape
@@ -273,6 +285,11 @@ def launch_swarm(
         .remote(spec)
     )
     swarm = Swarm(name, registry)
+    if points_url is not None:
+        from rayfin.actors.points import launch_points_bank
+
+        # Held by the swarm: a named actor whose last handle is dropped is terminated.
+        swarm.points_bank = launch_points_bank(name, points_url, detached=detached)
     ranges = [
         (start, end, f"{name}-s{stage}-r{replica}")
         for stage, (start, end) in enumerate(bounds)
@@ -291,6 +308,7 @@ def launch_swarm(
             idle_timeout_s=idle_timeout_s,
             threads=threads,
             env_vars=env_vars,
+            operator=operator,
         )
     except BaseException:
         ray.kill(registry)

@@ -19,6 +19,13 @@ trader to have recorded every row it covers before archiving and committing them
 archive and the committed offsets never run ahead of the trader's ledger: after a crash of
 either, the records the trader has not recorded are read again, and the trader drops the
 ones it has (:mod:`rayfin.trading.live`).
+
+With a sentiment scorer (:class:`~rayfin.actors.sentiment.SentimentActor`), each poll's
+news of a partition is scored as it comes in, and the archived ``news`` rows carry the
+scores (``negative``, ``neutral``, ``positive``, ``sentiment``). With a trader too, the
+scored stories go to it (``on_news``) in offset order. A write waits for the scores, and
+for the trader to have recorded the stories, before archiving and committing them: the
+same rule as ticks, so a crash replays the news the trader has not recorded.
 """
 
 from __future__ import annotations
@@ -85,7 +92,8 @@ class _Partition:
     engine: TickFeatureEngine | BookFeatureEngine | None
     last: int  # highest offset processed (archived or buffered)
     cut_to: int  # highest offset handed to a write (done or in flight)
-    raw: list[pa.Table] = field(default_factory=list)
+    # Raw rows, or (news being scored) the task that gives them with their scores.
+    raw: list[pa.Table | asyncio.Future[pa.Table]] = field(default_factory=list)
     features: list[pa.Table] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
     rows: int = 0
@@ -111,6 +119,9 @@ class FeaturePipeline:
         # Tick-feature tables emitted since the last take_emitted(), by topic; only kept
         # when something takes them (a trader).
         self.emitted: dict[str, list[pa.Table]] | None = None
+        # Scores a partition's raw news (topic, table) in the background, when set: the
+        # task's result, the table with its scores, is what gets archived.
+        self.score_news: Callable[[str, pa.Table], asyncio.Future[pa.Table]] | None = None
         self._last_cut = time.monotonic()
 
     # -- assignment ------------------------------------------------------------------
@@ -276,7 +287,7 @@ class FeaturePipeline:
                 "record_ts_ms": np.array([r.timestamp for r, _ in items], dtype=np.int64),
             }
         )
-        state.raw.append(raw)
+        state.raw.append(raw if self.score_news is None else self.score_news(state.topic, raw))
         state.rows += raw.num_rows
         return 0
 
@@ -357,7 +368,9 @@ class FeaturePipeline:
             await asyncio.gather(*(self.send_dead_letter(letter) for letter in cut.letters))
             tables = {}
             if cut.raw:
-                tables[RAW_TABLE[cut.kind]] = pa.concat_tables(cut.raw)
+                # News still being scored (and handed to the trader) is waited for here.
+                raw = [part if isinstance(part, pa.Table) else await part for part in cut.raw]
+                tables[RAW_TABLE[cut.kind]] = pa.concat_tables(raw)
             if cut.features:
                 tables[FEATURE_TABLE[cut.kind]] = pa.concat_tables(cut.features)
             checkpoint = Checkpoint(topic, partition, cut.last, cut.snapshot)
@@ -383,7 +396,7 @@ class _Cut:
     kind: str
     after: int
     last: int
-    raw: list[pa.Table]
+    raw: list[pa.Table | asyncio.Future[pa.Table]]
     features: list[pa.Table]
     letters: list[DeadLetter]
     snapshot: bytes
@@ -415,10 +428,13 @@ class StreamConsumer:
     """One member of the feature consumer group: aiokafka in, :class:`FeaturePipeline`
     through, commits after durable writes. Run it with :meth:`run` until :meth:`stop`."""
 
-    def __init__(self, config: ConsumerConfig, name: str = "consumer", trader: Any = None) -> None:
+    def __init__(
+        self, config: ConsumerConfig, name: str = "consumer", trader: Any = None, scorer: Any = None
+    ) -> None:
         self.config = config
         self.name = name
         self.trader = trader  # a TradingActor handle, or None
+        self.scorer = scorer  # a SentimentActor handle, or None
         self.metrics = StreamMetrics(name)
         self.archive = Archive(config.archive)
         self.pipeline: FeaturePipeline | None = None
@@ -428,6 +444,8 @@ class StreamConsumer:
         self._writing: asyncio.Task[None] | None = None
         self._trading: list[Any] = []  # the trader calls in flight (ObjectRefs), one a topic
         self.rows_to_trader = 0
+        self._scoring: asyncio.Task[pa.Table] | None = None  # the latest news being scored
+        self.news_to_trader = 0
         self._stopping = asyncio.Event()
         self._consumer: Any = None
         self._producer: Any = None
@@ -448,6 +466,8 @@ class StreamConsumer:
         self.pipeline = FeaturePipeline(c, self.archive, send, self.metrics)
         if self.trader is not None:
             self.pipeline.emitted = {}
+        if self.scorer is not None:
+            self.pipeline.score_news = self._score_news
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=c.bootstrap_servers,
             group_id=c.group_id,
@@ -508,6 +528,27 @@ class StreamConsumer:
         for call in self._trading:
             await call
 
+    def _score_news(self, topic: str, news: pa.Table) -> asyncio.Task[pa.Table]:
+        """Start scoring ``news`` (one partition's, of a poll); the task ends once the trader
+        has recorded the scored stories, and gives the table to archive."""
+        task = asyncio.get_running_loop().create_task(self._scored(topic, news, self._scoring))
+        self._scoring = task
+        return task
+
+    async def _scored(
+        self, topic: str, news: pa.Table, before: asyncio.Task[pa.Table] | None
+    ) -> pa.Table:
+        scored = await self.scorer.score_news.remote(news)
+        if before is not None:
+            # Stories reach the trader in the order they were read (its marks need
+            # offset order); a failure before this one fails this one too.
+            await before
+        if self.trader is not None:
+            rows = scored.select(["ts", "symbols", "sentiment", "partition", "offset"])
+            await self.trader.on_news.remote(topic, rows)
+            self.news_to_trader += rows.num_rows
+        return scored
+
     async def _settle(self) -> None:
         """Wait for the write in flight, if any."""
         if self._writing is not None:
@@ -548,6 +589,7 @@ class StreamConsumer:
         out["commit_failures"] = self.commit_failures
         out["buffered_rows"] = self.pipeline.buffered_rows if self.pipeline else 0
         out["rows_to_trader"] = self.rows_to_trader
+        out["news_to_trader"] = self.news_to_trader
         return out
 
 

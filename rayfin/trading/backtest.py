@@ -4,7 +4,9 @@
 then feeds them to a :class:`~rayfin.trading.engine.Trader` in micro-batches, exactly as
 the stream consumer hands them over live: the same scoring, strategy, risk manager,
 simulated broker and ledger. So for the same ticks, model and configuration, a backtest
-makes the decisions live trading makes, and two runs make the same ones.
+makes the decisions live trading makes, and two runs make the same ones. With ``news``
+(scored stories), each tick's ``sentiment`` input is the live trader's decayed news
+sentiment (:func:`rayfin.features.sentiment.sentiment_series`), as of the tick's time.
 
 Metrics (:class:`BacktestResult.metrics`):
 
@@ -31,8 +33,10 @@ import pandas as pd
 
 from rayfin.errors import TradingError
 from rayfin.features import FeatureSpec, online_features
+from rayfin.features.sentiment import DEFAULT_HALF_LIFE_S, sentiment_series
 from rayfin.trading.engine import Trader, TradingConfig, TradingEngine
-from rayfin.trading.ledger import fill_row
+from rayfin.trading.inputs import SENTIMENT
+from rayfin.trading.ledger import DECISION_COLUMNS, decision_row, fill_row
 
 if TYPE_CHECKING:
     from rayfin.trading.ledger import Ledger
@@ -46,14 +50,16 @@ DEFAULT_BATCH_ROWS = 1_000
 
 @dataclass
 class BacktestResult:
-    """What a backtest produced: summary metrics, every fill, the equity curve and the
-    decision outcomes (reason → count)."""
+    """What a backtest produced: summary metrics, every fill, the equity curve, the
+    decision outcomes (reason → count) and the decisions a ledger would store (columns of
+    its ``decisions`` table, ``sentiment`` included)."""
 
     metrics: dict[str, float]
     trades: pd.DataFrame = field(repr=False)
     equity: pd.DataFrame = field(repr=False)
     prices: pd.DataFrame = field(repr=False)
     outcomes: dict[str, int] = field(default_factory=dict)
+    decisions: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     def plot(self, path: str | Path) -> Path:
         """Write a PNG: price with the fills on top, the equity curve below."""
@@ -110,12 +116,16 @@ def backtest(
     feature_spec: FeatureSpec | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     topic: str = "ticks",
+    news: pd.DataFrame | None = None,
+    half_life_s: float = DEFAULT_HALF_LIFE_S,
 ) -> BacktestResult:
     """Replay ``ticks`` (raw ticks as :func:`~rayfin.features.online_features` takes them,
     or its output) through the live trading path; see the module docstring.
 
     ``ledger`` receives every batch (idempotently, keyed by the tick's position in the
-    input, as partition 0 of ``topic``); without one, nothing is written.
+    input, as partition 0 of ``topic``); without one, nothing is written. ``news``
+    (``ts``, ``symbols``, ``sentiment``: scored stories, as the archive's ``news`` table
+    holds them) sets the ``sentiment`` input, decayed with ``half_life_s``.
     """
     if batch_rows < 1:
         raise TradingError(f"batch_rows must be >= 1, got {batch_rows!r}")
@@ -126,17 +136,21 @@ def backtest(
         # Rows computed offline have no source partition (-1); their offset is their
         # position in the input, which keys the ledger as partition 0 of ``topic``.
         features = features.assign(partition=features["partition"].clip(lower=0))
+    if news is not None:
+        features = features.assign(**{SENTIMENT: sentiment_series(features, news, half_life_s)})
     engine = TradingEngine(config, ledger)
     trader = Trader(model, engine, topic=topic)
-    fills = []
+    fills, decisions = [], []
     for rows in micro_batches(features, batch_rows):
         _, batch = trader.on_features(rows)
         fills.extend(batch.fills)
+        decisions.extend(batch.decisions)
     trades = pd.DataFrame([fill_row(f) for f in fills], columns=TRADE_COLUMNS)
     equity = pd.DataFrame(engine.portfolio.equity_curve, columns=["ts", "equity"])
     prices = features[["ts", "symbol", "price"]].reset_index(drop=True)
     metrics = _metrics(engine, trades, equity, fills)
-    return BacktestResult(metrics, trades, equity, prices, dict(engine.outcomes))
+    decided = pd.DataFrame([decision_row(d) for d in decisions], columns=DECISION_COLUMNS)
+    return BacktestResult(metrics, trades, equity, prices, dict(engine.outcomes), decided)
 
 
 def micro_batches(features: pd.DataFrame, rows: int) -> Iterator[dict[str, np.ndarray]]:

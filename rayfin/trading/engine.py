@@ -38,6 +38,7 @@ import pandas as pd
 
 from rayfin.errors import TradingError
 from rayfin.trading.execution import FeeModel, SimulatedBroker, SlippageModel
+from rayfin.trading.inputs import sentiment_input
 from rayfin.trading.ledger import Ledger, LedgerBatch
 from rayfin.trading.orders import (
     BELOW_THRESHOLD,
@@ -88,9 +89,13 @@ class SignalBatch:
     probs: np.ndarray  # float64 [n, 3]: down, flat, up
     partitions: np.ndarray  # int64
     offsets: np.ndarray  # int64
+    # float64: the news sentiment the model saw per tick; None (the default): neutral 0.0.
+    sentiment: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         n = len(self.symbols)
+        if self.sentiment is None:
+            object.__setattr__(self, "sentiment", np.zeros(n))
         if not isinstance(self.topic, str) or not self.topic:
             raise TradingError(f"SignalBatch: topic must be a non-empty string, got {self.topic!r}")
         shapes = {
@@ -98,6 +103,7 @@ class SignalBatch:
             "prices": self.prices.shape,
             "partitions": self.partitions.shape,
             "offsets": self.offsets.shape,
+            "sentiment": self.sentiment.shape,
         }
         if any(shape != (n,) for shape in shapes.values()) or self.probs.shape != (n, 3):
             raise TradingError(
@@ -121,6 +127,7 @@ class SignalBatch:
             "partition and offset must be >= 0",
             self.offsets,
         )
+        _first_bad(~np.isfinite(self.sentiment), "sentiment must be finite", self.sentiment)
 
     @classmethod
     def from_signals(cls, signals: Sequence[Signal]) -> SignalBatch:
@@ -136,6 +143,7 @@ class SignalBatch:
             np.array([s.probs for s in signals], dtype=np.float64).reshape(-1, 3),
             np.array([s.source.partition for s in signals], dtype=np.int64),
             np.array([s.source.offset for s in signals], dtype=np.int64),
+            np.array([s.sentiment for s in signals], dtype=np.float64),
         )
 
     def __len__(self) -> int:
@@ -150,6 +158,7 @@ class SignalBatch:
             float(self.prices[i]),
             (float(p[0]), float(p[1]), float(p[2])),
             SourceKey(self.topic, int(self.partitions[i]), int(self.offsets[i])),
+            float(self.sentiment[i]),
         )
 
 
@@ -366,13 +375,15 @@ class Trader:
         """Score a micro-batch of tick-feature rows (engine columns, in arrival order, with
         ``partition`` and ``offset`` of their source records; a DataFrame or a mapping of
         column arrays) and trade on it; returns the probabilities ``[n, 3]`` and the
-        recorded batch."""
+        recorded batch. The ``sentiment`` column (neutral 0.0 where absent or NaN) goes to
+        the model and into the decisions."""
         missing = [c for c in _SOURCE_COLUMNS if c not in features]
         if missing:
             raise TradingError(f"feature rows lack the columns {missing}")
         if len(features["ts"]) == 0:
             return np.empty((0, 3)), self.engine.on_signals([])
-        probs = self.model.predict_proba(features)
+        sentiment = sentiment_input(features)
+        probs = self.model.predict_proba(features, sentiment)
         batch = SignalBatch(
             self.topic,
             _column(features, "symbol").astype(object),
@@ -381,6 +392,7 @@ class Trader:
             probs,
             _column(features, "partition").astype(np.int64, copy=False),
             _column(features, "offset").astype(np.int64, copy=False),
+            sentiment,
         )
         return probs, self.engine.on_batch(batch)
 

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from rayfin.errors import ModelInputError
+from rayfin.features.sentiment import SENTIMENT
 
-SENTIMENT = "sentiment"
 NEUTRAL_SENTIMENT = 0.0
 PRICE = "price"
 LEVEL_PREFIX = "price_minus_"
@@ -114,6 +114,15 @@ def input_arrays(
         else:
             out[name] = _array(features, name)
     return out
+
+
+def sentiment_input(
+    features: Columns, sentiment: float | np.ndarray | pd.Series | None = None
+) -> np.ndarray:
+    """The ``sentiment`` input alone, one value per row of ``features``: what the model
+    sees (see :func:`input_arrays` for ``sentiment``)."""
+    names = _names(features)
+    return _sentiment(features, set(names), sentiment, _rows(features, names))
 
 
 def _sentiment(

@@ -2,6 +2,9 @@
 
 SQLite (the default, a file in the state dir) or PostgreSQL, through SQLAlchemy 2.0 Core.
 Tables are created on first use; ``schema`` puts them in a PostgreSQL schema of their own.
+Tables made by an older rayfin get the nullable columns added since (``decisions.sentiment``,
+``trader_checkpoints.sentiment``) on first use too, by ``ALTER TABLE ... ADD COLUMN``: their
+old rows read NULL there, and nothing has to be recreated.
 
 Writes are idempotent: each row has a natural key from the Kafka record that caused it,
 and inserts skip rows whose key is already stored (``INSERT ... ON CONFLICT DO NOTHING``
@@ -29,10 +32,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -42,35 +43,34 @@ from sqlalchemy import (
     Column,
     Connection,
     Double,
-    Engine,
     Index,
     Integer,
     LargeBinary,
     MetaData,
-    Select,
     SmallInteger,
     String,
     Table,
     UniqueConstraint,
-    create_engine,
-    event,
+    inspect,
     select,
+    text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-from sqlalchemy.schema import CreateSchema
 
-from rayfin.config import get_settings
+from rayfin.database import AUTO_ID, SqlStore
 from rayfin.errors import TradingError
 from rayfin.trading.orders import Decision, Fill, Instruments, Order, SourceKey
 from rayfin.trading.pnl import DEFAULT_INITIAL_CASH, PnLSummary, Portfolio, Position
 from rayfin.trading.risk import RiskEvent
 
-__all__ = ["Ledger", "LedgerBatch", "LedgerPnL", "TraderCheckpoint"]
-
-# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
-_Seq = BigInteger().with_variant(Integer, "sqlite")
+__all__ = [
+    "DECISION_COLUMNS",
+    "Ledger",
+    "LedgerBatch",
+    "LedgerPnL",
+    "TraderCheckpoint",
+    "decision_row",
+    "fill_row",
+]
 
 
 def _source_columns(nullable: bool = False) -> list[Column[Any]]:
@@ -94,7 +94,7 @@ def _tables(metadata: MetaData) -> _Tables:
     decisions = Table(
         "decisions",
         metadata,
-        Column("seq", _Seq, primary_key=True, autoincrement=True),
+        Column("seq", AUTO_ID, primary_key=True, autoincrement=True),
         Column("ts", BigInteger, nullable=False),
         Column("symbol", String, nullable=False),
         *_source_columns(),
@@ -110,6 +110,8 @@ def _tables(metadata: MetaData) -> _Tables:
         Column("accepted", Boolean, nullable=False),
         Column("reason", String, nullable=False),
         Column("risk_state", String, nullable=False),
+        # The news sentiment the model saw (NULL in rows recorded before rayfin kept it).
+        Column("sentiment", Double),
         UniqueConstraint("source_topic", "source_partition", "source_offset"),
         Index(None, "symbol", "ts"),
         Index(None, "ts"),
@@ -131,7 +133,7 @@ def _tables(metadata: MetaData) -> _Tables:
     fills = Table(
         "fills",
         metadata,
-        Column("seq", _Seq, primary_key=True, autoincrement=True),
+        Column("seq", AUTO_ID, primary_key=True, autoincrement=True),
         Column("order_id", String, nullable=False, unique=True),
         Column("ts", BigInteger, nullable=False),
         Column("symbol", String, nullable=False),
@@ -158,7 +160,7 @@ def _tables(metadata: MetaData) -> _Tables:
     risk_events = Table(
         "risk_events",
         metadata,
-        Column("seq", _Seq, primary_key=True, autoincrement=True),
+        Column("seq", AUTO_ID, primary_key=True, autoincrement=True),
         Column("ts", BigInteger, nullable=False),
         Column("from_state", String, nullable=False),
         Column("to_state", String, nullable=False),
@@ -175,8 +177,15 @@ def _tables(metadata: MetaData) -> _Tables:
         Column("marks", String, nullable=False),  # JSON: [[topic, partition, offset], ...]
         Column("state", LargeBinary, nullable=False),
         Column("records", BigInteger, nullable=False),
+        Column("sentiment", LargeBinary),  # the trader's SentimentBook; NULL: no news yet
     )
     return _Tables(decisions, orders, fills, positions, risk_events, checkpoints)
+
+
+DECISION_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in _tables(MetaData()).decisions.c if c.name != "seq"
+)
+"""The columns :meth:`Ledger.decisions` returns, those of :func:`decision_row`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,13 +202,15 @@ class LedgerBatch:
 @dataclass(frozen=True, slots=True)
 class TraderCheckpoint:
     """Where a live trader stands: the last source offset it traded per (topic, partition),
-    its engine state (:meth:`~rayfin.trading.engine.TradingEngine.snapshot`) and how many
-    records it has traded in all."""
+    its engine state (:meth:`~rayfin.trading.engine.TradingEngine.snapshot`), how many
+    records it has traded in all, and its news sentiment
+    (:meth:`~rayfin.features.sentiment.SentimentBook.snapshot`; empty before any news)."""
 
     name: str
     marks: Mapping[tuple[str, int], int]
     state: bytes
     records: int = 0
+    sentiment: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +231,8 @@ def _source(key: SourceKey | None) -> dict[str, Any]:
     }
 
 
-def _decision_row(d: Decision) -> dict[str, Any]:
+def decision_row(d: Decision) -> dict[str, Any]:
+    """A decision as a ``decisions`` row (also the backtest's decisions)."""
     order = d.order
     return {
         "ts": d.ts,
@@ -238,6 +250,7 @@ def _decision_row(d: Decision) -> dict[str, Any]:
         "accepted": d.accepted,
         "reason": d.reason,
         "risk_state": d.risk_state.value,
+        "sentiment": d.sentiment,
     }
 
 
@@ -309,14 +322,7 @@ def _ns(value: int | dt.datetime | None, what: str) -> int | None:
     raise TradingError(f"{what}: expected int ns or a datetime, got {value!r}")
 
 
-def _enable_sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers (API, dashboard) query while the pipeline writes.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.close()
-
-
-class Ledger:
+class Ledger(SqlStore):
     """The trading ledger in one database (see the module docstring).
 
     ``url`` is a SQLAlchemy URL, SQLite or PostgreSQL; None means the configured
@@ -324,64 +330,40 @@ class Ledger:
     only) keeps the tables in that schema, created if missing.
     """
 
+    _error = TradingError
+    _url_setting = "url"
+
     def __init__(self, url: str | None = None, *, schema: str | None = None) -> None:
-        url = url or get_settings().database.url
-        assert url is not None  # Settings always derives one
-        try:
-            parsed = make_url(url)
-        except ArgumentError as exc:
-            raise TradingError(f"Ledger: not a database URL: {exc}") from None
-        dialect = parsed.get_backend_name()
-        if dialect not in ("sqlite", "postgresql"):
-            raise TradingError(f"Ledger: SQLite or PostgreSQL only, got a {dialect} URL")
-        if schema is not None and dialect != "postgresql":
-            raise TradingError("Ledger: schema is for PostgreSQL only")
-        if dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self._dialect = dialect
-        self._schema = schema
-        try:
-            self._engine: Engine = create_engine(parsed)
-        except (NoSuchModuleError, ImportError) as exc:
-            raise TradingError(f"Ledger: no usable driver for {parsed.drivername}: {exc}") from None
-        if dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            event.listen(self._engine, "connect", _enable_sqlite_wal)
-        self._metadata = MetaData(schema=schema)
+        super().__init__(url, schema=schema)
         self._t = _tables(self._metadata)
-        self._created = False
 
-    @property
-    def url(self) -> str:
-        """The database URL, password hidden."""
-        return self._engine.url.render_as_string(hide_password=True)
+    def _create_tables(self, conn: Connection) -> None:
+        """Create the tables where missing, and add to old ones the columns they lack."""
+        super()._create_tables(conn)
+        self._add_new_columns(conn)
 
-    @property
-    def schema(self) -> str | None:
-        """The PostgreSQL schema holding the tables, or None for the default one."""
-        return self._schema
-
-    def close(self) -> None:
-        """Release the engine's connections."""
-        self._engine.dispose()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _begin(self) -> Iterator[Connection]:
-        with self._engine.begin() as conn:
-            if not self._created:
-                if self._schema is not None:
-                    conn.execute(CreateSchema(self._schema, if_not_exists=True))
-                self._metadata.create_all(conn)
-            yield conn
-        self._created = True  # only once the creating transaction committed
-
-    def _insert(self, table: Table) -> Any:
-        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+    def _add_new_columns(self, conn: Connection) -> None:
+        """Add the columns a table made by an older rayfin lacks (all nullable)."""
+        inspector = inspect(conn)
+        quote = conn.dialect.identifier_preparer
+        # PostgreSQL: another process may be doing the same right now.
+        if_missing = "IF NOT EXISTS " if self._dialect == "postgresql" else ""
+        for table in self._t:
+            present = {c["name"] for c in inspector.get_columns(table.name, schema=self._schema)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise TradingError(
+                        f"Ledger: table {table.name} lacks the column {column.name}, which "
+                        "cannot be added to existing rows; use a new database or schema"
+                    )
+                conn.execute(
+                    text(
+                        f"ALTER TABLE {quote.format_table(table)} ADD COLUMN {if_missing}"
+                        f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"
+                    )
+                )
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -390,7 +372,7 @@ class Ledger:
         ``checkpoint`` of the trader that produced it, so the two never disagree."""
         t = self._t
         inserts = (
-            (t.decisions, [_decision_row(d) for d in batch.decisions]),
+            (t.decisions, [decision_row(d) for d in batch.decisions]),
             (t.orders, [_order_row(o) for o in batch.orders]),
             (t.fills, [fill_row(f) for f in batch.fills]),
             (t.risk_events, [_risk_event_row(e) for e in batch.risk_events]),
@@ -424,6 +406,7 @@ class Ledger:
             "marks": json.dumps(sorted([tp[0], tp[1], o] for tp, o in checkpoint.marks.items())),
             "state": checkpoint.state,
             "records": checkpoint.records,
+            "sentiment": checkpoint.sentiment or None,
         }
         stmt = self._insert(t)
         stmt = stmt.on_conflict_do_update(
@@ -439,7 +422,8 @@ class Ledger:
         if row is None:
             return None
         marks = {(topic, int(p)): int(o) for topic, p, o in json.loads(row["marks"])}
-        return TraderCheckpoint(name, marks, bytes(row["state"]), int(row["records"]))
+        sentiment = bytes(row["sentiment"]) if row["sentiment"] is not None else b""
+        return TraderCheckpoint(name, marks, bytes(row["state"]), int(row["records"]), sentiment)
 
     def record_decision(self, decision: Decision) -> None:
         """:meth:`record` one decision, in its own transaction."""
@@ -462,11 +446,6 @@ class Ledger:
         self.record(LedgerBatch(risk_events=(risk_event,)))
 
     # --- reads -----------------------------------------------------------------------------
-
-    def _frame(self, query: Select[Any]) -> pd.DataFrame:
-        with self._begin() as conn:
-            result = conn.execute(query)
-            return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
 
     def _query(
         self,

@@ -236,11 +236,16 @@ class Signal:
     """The last tick price, at which the strategy sizes and the risk manager values."""
     probs: tuple[float, float, float]
     source: SourceKey
+    sentiment: float = 0.0
+    """The news sentiment the model saw with this tick (neutral 0.0 without news)."""
 
     def __post_init__(self) -> None:
         _check_symbol(self.symbol, "Signal")
         _check_ts(self.ts, "Signal")
         _check_price(self.price, "Signal")
+        if not isinstance(self.sentiment, int | float) or not math.isfinite(self.sentiment):
+            raise TradingError(f"Signal: sentiment must be a finite number, got {self.sentiment!r}")
+        object.__setattr__(self, "sentiment", float(self.sentiment))
         probs = tuple(float(p) for p in self.probs)
         if len(probs) != 3 or not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in probs):
             raise TradingError(
@@ -350,8 +355,8 @@ class Decision:
 
     A hold has no order, ``accepted=False`` and a :data:`HOLD_REASONS` reason; a refused
     order has a :data:`REJECT_REASONS` reason; an accepted order has :data:`ACCEPTED`.
-    ``risk_state`` is the manager's state when it decided. Build it with :meth:`hold`
-    or :meth:`checked`.
+    ``risk_state`` is the manager's state when it decided, ``sentiment`` the signal's. Build
+    it with :meth:`hold` or :meth:`checked`.
     """
 
     ts: int
@@ -364,6 +369,7 @@ class Decision:
     accepted: bool
     reason: str
     risk_state: RiskState
+    sentiment: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -406,6 +412,7 @@ class Decision:
             False,
             reason,
             risk_state,
+            signal.sentiment,
         )
 
     @classmethod
@@ -425,6 +432,7 @@ class Decision:
             reason is None,
             ACCEPTED if reason is None else reason,
             risk_state,
+            signal.sentiment,
         )
 
 

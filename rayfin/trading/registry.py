@@ -15,7 +15,8 @@ cannot take one number); on an object store each file is one atomic PUT and
 ``version.json`` goes last. Version numbers come from the highest directory ever created
 and the registry deletes nothing, so a number is never reused. Local writes hold a file
 lock per model name; an object store has no such lock, so keep one writer per model name
-there.
+there. (These rules are :class:`rayfin.storage.VersionedStore`'s, shared with the adapter
+hub.)
 
 Promoting pushes a version onto an alias's stack; rolling back pops it, returning the
 alias to the version promoted before. Every promotion and rollback is logged with its time.
@@ -25,22 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from rayfin.errors import ModelNotFoundError, RegistryError, RollbackError
-from rayfin.storage import put_atomic
+from rayfin.storage import VersionedStore, dumps_json, utc_now
 from rayfin.trading.labels import LabelSpec
 
 if TYPE_CHECKING:
@@ -52,14 +47,7 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.txt"
 REFERENCE_FILE = "reference.json"
 METADATA_FILE = "version.json"
-ALIASES_FILE = "aliases.json"
 DEFAULT_ALIAS = "production"
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Aliases start with a letter, so that "3" always means version 3.
-_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
-_VERSION_DIR = re.compile(r"^v(\d+)$")
-_REGISTER_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -117,11 +105,6 @@ class ModelVersion:
         )
 
 
-def utc_now() -> str:
-    """The current time, ISO 8601 in UTC (seconds)."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def data_fingerprint(inputs: pd.DataFrame, labels: np.ndarray) -> str:
     """sha256 over training inputs (names, order, values) and labels, as hex.
 
@@ -142,142 +125,31 @@ def data_fingerprint(inputs: pd.DataFrame, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _dumps(data: Any) -> bytes:
-    return json.dumps(data, indent=2, sort_keys=True, default=_json_default).encode()
-
-
 def check_model_name(name: str) -> str:
     """``name`` if it is a valid model name, else :class:`~rayfin.errors.RegistryError`."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise RegistryError(
-            f"model name must be letters, digits, '.', '_' or '-' (at most 128), got {name!r}"
-        )
-    return name
+    return ModelRegistry.check_name(name)
 
 
-def _check_alias(alias: str) -> str:
-    if not isinstance(alias, str) or not _ALIAS.match(alias):
-        raise RegistryError(
-            "alias must start with a letter and hold letters, digits, '.', '_' or '-', "
-            f"got {alias!r}"
-        )
-    return alias
-
-
-def _check_version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 1:
-        raise RegistryError(f"version must be an int >= 1, got {version!r}")
-    return int(version)
-
-
-class ModelRegistry:
+class ModelRegistry(VersionedStore):
     """Versions and aliases of market models under ``root`` (see the module docstring).
 
     ``root`` defaults to ``<state_dir>/models`` from :func:`rayfin.config.get_settings`.
     """
+
+    commit_file = METADATA_FILE
+    noun = "model"
+    place = "registry"
+    error = RegistryError
+    not_found = ModelNotFoundError
 
     def __init__(self, root: str | Path | None = None) -> None:
         if root is None:
             from rayfin.config import get_settings
 
             root = get_settings().state_dir / "models"
-        text = str(root)
-        if "://" in text:
-            try:
-                self.fs, base = pafs.FileSystem.from_uri(text)
-            except (pa.ArrowInvalid, ValueError, OSError) as exc:
-                raise RegistryError(f"cannot open model registry {text}: {exc}") from exc
-            self._prefix = text.split("?", 1)[0].rstrip("/")  # options are not a location
-        else:
-            self.fs, base = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
-            self._prefix = base
-        self.base = base.rstrip("/")
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
-
-    @property
-    def root(self) -> str:
-        """Where the registry lives, as given (local path or URI)."""
-        return self._prefix
-
-    def __repr__(self) -> str:
-        return f"ModelRegistry({self.root!r})"
-
-    # -- paths and raw I/O ---------------------------------------------------------------
-
-    def _model_dir(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-    def _version_dir(self, name: str, version: int) -> str:
-        return f"{self.base}/{name}/v{version:06d}"
-
-    def _uri(self, path: str) -> str:
-        """``path`` (on the filesystem) as the user-facing location."""
-        return self._prefix + path[len(self.base) :]
-
-    def _exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
-    def _read(self, path: str) -> bytes | None:
-        """The file's bytes, or ``None`` if it does not exist."""
-        try:
-            with self.fs.open_input_stream(path) as stream:
-                return stream.read()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            # Object stores report a missing key as a plain OSError.
-            if not self._exists(path):
-                return None
-            raise
-
-    @contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
-        """Serialise writers of one model name (local registries only)."""
-        if not self.local:
-            yield
-            return
-        from filelock import FileLock
-
-        folder = self._model_dir(name)
-        self.fs.create_dir(folder, recursive=True)
-        with FileLock(f"{folder}/.lock"):
-            yield
-
-    def _version_numbers(self, name: str, *, committed: bool) -> list[int]:
-        """Version numbers whose directory exists (``committed``: with its metadata)."""
-        selector = pafs.FileSelector(self._model_dir(name), allow_not_found=True)
-        numbers = []
-        for info in self.fs.get_file_info(selector):
-            match = _VERSION_DIR.match(info.base_name)
-            if info.type != pafs.FileType.Directory or not match:
-                continue
-            number = int(match.group(1))
-            if committed and not self._exists(f"{info.path}/{METADATA_FILE}"):
-                continue
-            numbers.append(number)
-        return sorted(numbers)
+        super().__init__(root)
 
     # -- reading -------------------------------------------------------------------------
-
-    def names(self) -> list[str]:
-        """Model names with at least one registered version, sorted."""
-        selector = pafs.FileSelector(self.base, allow_not_found=True)
-        found = [
-            info.base_name
-            for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.Directory and _NAME.match(info.base_name)
-        ]
-        return sorted(name for name in found if self._version_numbers(name, committed=True))
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Every registered version of ``name``, oldest first."""
@@ -290,15 +162,10 @@ class ModelRegistry:
         """A version of ``name`` by number (``3`` or ``"3"``) or by alias (``"production"``)."""
         return self._read_version(check_model_name(name), self._resolve(name, ref))
 
-    def aliases(self, name: str) -> dict[str, int]:
-        """Each alias of ``name`` and the version it points to now."""
-        state = self._alias_state(check_model_name(name))
-        return {alias: stack[-1] for alias, stack in state["aliases"].items() if stack}
-
     def alias_history(self, name: str, alias: str = DEFAULT_ALIAS) -> list[int]:
         """The versions ``alias`` was promoted to, oldest first; the last is current."""
         return list(
-            self._alias_state(check_model_name(name))["aliases"].get(_check_alias(alias), [])
+            self._alias_state(check_model_name(name))["aliases"].get(self.check_alias(alias), [])
         )
 
     def load(self, name: str, ref: int | str = DEFAULT_ALIAS) -> Model:
@@ -328,53 +195,9 @@ class ModelRegistry:
         except (ValueError, KeyError, TypeError) as exc:  # JSON errors are ValueErrors
             raise RegistryError(f"{self._uri(path)} is unreadable: {exc}") from exc
 
-    def _unknown_name(self, name: str) -> ModelNotFoundError:
-        known = ", ".join(self.names()) or "none"
-        return ModelNotFoundError(
-            f"no model named {name!r} in registry {self.root} (registered models: {known})"
-        )
-
     def _read_version(self, name: str, number: int) -> ModelVersion:
-        folder = self._version_dir(name, number)
-        raw = self._read(f"{folder}/{METADATA_FILE}")
-        if raw is None:
-            numbers = self._version_numbers(name, committed=True)
-            if not numbers:
-                raise self._unknown_name(name)
-            listed = ", ".join(map(str, numbers))
-            raise ModelNotFoundError(f"model {name!r} has no version {number} (versions: {listed})")
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RegistryError(
-                f"{self._uri(folder)}/{METADATA_FILE} is unreadable: {exc}"
-            ) from exc
-        return ModelVersion.from_dict(data, path=self._uri(folder))
-
-    def _resolve(self, name: str, ref: int | str) -> int:
-        if isinstance(ref, str) and ref.isdigit():
-            ref = int(ref)
-        if isinstance(ref, str):
-            aliases = self._alias_state(name)["aliases"]
-            stack = aliases.get(_check_alias(ref))
-            if not stack:
-                if not self._version_numbers(name, committed=True):
-                    raise self._unknown_name(name)
-                known = ", ".join(sorted(a for a, s in aliases.items() if s)) or "none"
-                raise ModelNotFoundError(f"model {name!r} has no alias {ref!r} (aliases: {known})")
-            return int(stack[-1])
-        return _check_version(ref)
-
-    def _alias_state(self, name: str) -> dict[str, Any]:
-        path = f"{self._model_dir(name)}/{ALIASES_FILE}"
-        raw = self._read(path)
-        if raw is None:
-            return {"aliases": {}, "events": []}
-        try:
-            state = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RegistryError(f"{self._uri(path)} is unreadable: {exc}") from exc
-        return state
+        data, location = self._read_metadata(name, number)
+        return ModelVersion.from_dict(data, path=location)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -416,7 +239,7 @@ class ModelRegistry:
             uncovered = [f for f in features if f not in reference.columns]
             if uncovered:
                 raise RegistryError(f"the drift reference has no bins for inputs {uncovered}")
-            reference_data = _dumps(reference.to_dict())
+            reference_data = dumps_json(reference.to_dict())
         meta = {
             "name": name,
             "created": utc_now(),
@@ -427,68 +250,31 @@ class ModelRegistry:
             "fingerprint": fingerprint,
             "lightgbm_version": lightgbm.__version__,
         }
+        files = {MODEL_FILE: text.encode()}
+        if reference_data is not None:
+            files[REFERENCE_FILE] = reference_data
         try:
             with self._lock(name):
-                number = self._commit(name, text.encode(), meta, reference_data)
+                number = self._commit(
+                    name, files, lambda number: dumps_json({**meta, "version": number})
+                )
         except (OSError, pa.ArrowException) as exc:
             raise RegistryError(f"cannot register {name} in {self.root}: {exc}") from exc
         return self._read_version(name, number)
 
-    def _commit(
-        self, name: str, model: bytes, meta: dict[str, Any], reference: bytes | None
-    ) -> int:
-        folder = self._model_dir(name)
-        self.fs.create_dir(folder, recursive=True)
-        for _ in range(_REGISTER_ATTEMPTS):
-            numbers = self._version_numbers(name, committed=False)
-            number = (numbers[-1] if numbers else 0) + 1
-            metadata = _dumps({**meta, "version": number})
-            target = self._version_dir(name, number)
-            if not self.local:
-                put_atomic(self.fs, f"{target}/{MODEL_FILE}", model)
-                if reference is not None:
-                    put_atomic(self.fs, f"{target}/{REFERENCE_FILE}", reference)
-                put_atomic(self.fs, f"{target}/{METADATA_FILE}", metadata)  # the commit
-                return number
-            staging = f"{folder}/.staging-{uuid.uuid4().hex}"
-            self.fs.create_dir(staging)
-            with self.fs.open_output_stream(f"{staging}/{MODEL_FILE}") as out:
-                out.write(model)
-            if reference is not None:
-                with self.fs.open_output_stream(f"{staging}/{REFERENCE_FILE}") as out:
-                    out.write(reference)
-            with self.fs.open_output_stream(f"{staging}/{METADATA_FILE}") as out:
-                out.write(metadata)
-            try:
-                # Fails if another writer created this version meanwhile: take the next one.
-                self.fs.move(staging, target)
-                return number
-            except OSError:
-                self.fs.delete_dir(staging)
-        raise RegistryError(f"could not allocate a version of {name} in {self.root}")
-
     def promote(self, name: str, version: int | str, alias: str = DEFAULT_ALIAS) -> ModelVersion:
         """Point ``alias`` at ``version``; :meth:`rollback` returns it to the previous one."""
         check_model_name(name)
-        _check_alias(alias)
+        self.check_alias(alias)
         number = self._resolve(name, version)
         target = self._read_version(name, number)  # raises for an unknown version
-        with self._lock(name):
-            state = self._alias_state(name)
-            stack = state["aliases"].setdefault(alias, [])
-            if stack and stack[-1] == number:
-                return target  # already there; a second entry would make rollback a no-op
-            stack.append(number)
-            state["events"].append(
-                {"time": utc_now(), "action": "promote", "alias": alias, "version": number}
-            )
-            self._write_aliases(name, state)
+        self._push_alias(name, alias, number)
         return target
 
     def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> ModelVersion:
         """Return ``alias`` to the version it pointed to before its latest promotion."""
         check_model_name(name)
-        _check_alias(alias)
+        self.check_alias(alias)
         with self._lock(name):
             state = self._alias_state(name)
             stack = state["aliases"].get(alias, [])
@@ -511,10 +297,3 @@ class ModelRegistry:
             )
             self._write_aliases(name, state)
         return self._read_version(name, stack[-1])
-
-    def _write_aliases(self, name: str, state: dict[str, Any]) -> None:
-        path = f"{self._model_dir(name)}/{ALIASES_FILE}"
-        try:
-            put_atomic(self.fs, path, _dumps(state))
-        except (OSError, pa.ArrowException) as exc:
-            raise RegistryError(f"cannot write {self._uri(path)}: {exc}") from exc
