@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Task = Literal["causal-lm", "label-scoring", "classification"]
+DEFAULT_MAX_LENGTH = 256
+"""Tokens an example is cut to (from the left) unless ``max_length`` says otherwise."""
 TASKS: tuple[str, ...] = ("causal-lm", "label-scoring", "classification")
 
 
@@ -261,7 +263,7 @@ def train_adapter(
     task: Task = "causal-lm",
     labels: Sequence[str] | None = None,
     head: ClassificationHead | None = None,
-    max_length: int = 256,
+    max_length: int | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
@@ -283,6 +285,8 @@ def train_adapter(
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be at least 1")
     virtual = model.prompt_prefix.num_virtual_tokens if model.prompt_prefix is not None else 0
+    if max_length is None:  # long enough for headlines and short texts
+        max_length = min(DEFAULT_MAX_LENGTH, model.shape.max_length - virtual)
     if max_length + virtual > model.shape.max_length:
         raise ValueError(
             f"max_length {max_length} (+{virtual} prefix tokens) exceeds the model's "
