@@ -1,7 +1,24 @@
-"""Joining Ray the way every rayfin entry point does: the configured cluster, or a local
-instance when none is configured."""
+"""Joining Ray the way every rayfin entry point does (the configured cluster, or a local
+instance when none is configured), and placing actors on the node type meant for them.
+
+On a multi-node cluster (``cluster.yaml``, ``cluster.local.yaml``) each node type
+advertises a marker resource: ``rayfin_block_server`` on GPU workers, ``rayfin_stream`` on
+CPU workers, ``rayfin_head`` on the head. Each actor asks for a small fraction of its
+role's marker (:func:`placement`), so block servers only land on GPU nodes and stream
+actors only on CPU nodes, many to a node. On one machine nothing advertises the markers
+and nothing is asked for.
+"""
 
 from __future__ import annotations
+
+ROLES: dict[str, str] = {
+    "block_server": "rayfin_block_server",
+    "stream": "rayfin_stream",
+    "head": "rayfin_head",
+}
+"""Actor role -> the custom resource that marks the nodes meant for it."""
+MARKER = 0.01
+"""The share of a marker one actor asks for: up to 100 actors of a role per node."""
 
 
 def connect_ray(address: str | None) -> None:
@@ -34,3 +51,22 @@ def ensure_ray() -> bool:
 
     connect_ray(get_settings().ray.address)
     return True
+
+
+def placement(role: str) -> dict[str, float]:
+    """The custom resources an actor of ``role`` (a key of :data:`ROLES`) asks for, per the
+    ``ray.placement`` setting: its marker when the cluster advertises it ("auto"), always
+    ("markers": an autoscaler then starts a node of that type), or never ("none")."""
+    import ray
+
+    from rayfin.config import get_settings
+
+    if role not in ROLES:
+        raise ValueError(f"unknown actor role {role!r}; expected one of {', '.join(ROLES)}")
+    marker = ROLES[role]
+    mode = get_settings().ray.placement
+    if mode == "none":
+        return {}
+    if mode == "markers" or ray.cluster_resources().get(marker, 0) > 0:
+        return {marker: MARKER}
+    return {}

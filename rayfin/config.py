@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -98,6 +98,10 @@ class RaySettings(_Section):
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
+    # How actors find their node type on a multi-node cluster (rayfin.cluster.placement):
+    # "auto" asks for a role's marker resource when the cluster advertises it, "markers"
+    # always (an autoscaling cluster whose nodes of that type are not up yet), "none" never.
+    placement: Literal["auto", "markers", "none"] = "auto"
 
 
 class DatabaseSettings(_Section):

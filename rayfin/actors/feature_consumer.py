@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from rayfin.cluster import placement
 from rayfin.stream.consumer import ConsumerConfig, StreamConsumer
 
 
@@ -80,7 +81,7 @@ def launch_consumers(
     returns their handles, started."""
     actor = ray.remote(FeatureConsumer)
     handles = [
-        actor.options(num_cpus=num_cpus, max_concurrency=100).remote(
+        actor.options(num_cpus=num_cpus, max_concurrency=100, resources=placement("stream")).remote(
             config, f"{prefix}-{i}", trader, scorer
         )
         for i in range(count)

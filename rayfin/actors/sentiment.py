@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from rayfin.cluster import placement
 from rayfin.features.sentiment import SENTIMENT
 from rayfin.sentiment.scoring import LABELS, SentimentScorer, polarity
 
@@ -65,7 +66,12 @@ def launch_sentiment(
 ) -> Any:
     """Start a :class:`SentimentActor` (restarting on failure, retrying calls in flight);
     returns its handle once the scorer is built. ``name`` makes it a named actor."""
-    options: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": -1, "max_task_retries": -1}
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "resources": placement("stream"),
+    }
     if name is not None:
         options["name"] = name
     handle = ray.remote(SentimentActor).options(**options).remote(factory)

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from rayfin.cluster import placement
 from rayfin.features.sentiment import DEFAULT_HALF_LIFE_S
 from rayfin.trading.engine import TradingConfig
 from rayfin.trading.ledger import Ledger
@@ -81,7 +82,12 @@ def launch_trader(
     its handle, ready."""
     handle = (
         ray.remote(TradingActor)
-        .options(num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1)
+        .options(
+            num_cpus=num_cpus,
+            max_restarts=-1,
+            max_task_retries=-1,
+            resources=placement("stream"),
+        )
         .remote(model, config, ledger_url, schema=schema, name=name, half_life_s=half_life_s)
     )
     ray.get(handle.stats.remote())  # constructed: checkpoint loaded, ledger reachable

@@ -129,6 +129,7 @@ class Swarm:
         ``env_vars`` are set in the servers' processes.
         """
         from rayfin.actors.block_server import BlockServer
+        from rayfin.cluster import placement
 
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -157,7 +158,7 @@ class Swarm:
                 namespace=NAMESPACE,
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
-                resources=resources or {},
+                resources=placement("block_server") | dict(resources or {}),
                 max_restarts=max_restarts,
                 max_concurrency=1000,
                 lifetime="detached" if detached else None,
