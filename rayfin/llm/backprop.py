@@ -69,9 +69,6 @@ class RemoteBackprop:
 
     # -- adapters on the wire ------------------------------------------------------------
 
-    def _payload(self, adapter: LoraAdapter | None, span: Span) -> AdapterPayload | None:
-        return self.payload(adapter, span.start, span.end)
-
     def payload(self, adapter: LoraAdapter | None, start: int, end: int) -> AdapterPayload | None:
         """``adapter``'s matrices for blocks ``[start, end)``, as a request carries them."""
         if adapter is None:
@@ -152,7 +149,9 @@ class RemoteBackprop:
             for span in chain:
                 wire = encode(hidden, compression)
                 try:
-                    out = self._call(span, "forward", self._payload(adapter, span), priority, wire)
+                    out = self._call(
+                        span, "forward", self.payload(adapter, span.start, span.end), priority, wire
+                    )
                 except _ServerFailed as failed:
                     self._failed(failed.server_id, excluded)
                     break
@@ -217,14 +216,21 @@ class RemoteBackprop:
         compression = self.remote.compression
         inputs = [wire]
         for span in chain[:-1]:
-            out = self._call(span, "forward", self._payload(adapter, span), priority, inputs[-1])
+            out = self._call(
+                span, "forward", self.payload(adapter, span.start, span.end), priority, inputs[-1]
+            )
             self.bytes_sent += inputs[-1].nbytes
             self.bytes_received += out.nbytes
             inputs.append(encode(decode(out), compression))
         for span, sent in zip(reversed(chain), reversed(inputs), strict=True):
             grad_wire = encode(grad, compression)
             grad_in, span_grads = self._call(
-                span, "backward", self._payload(adapter, span), priority, sent, grad_wire
+                span,
+                "backward",
+                self.payload(adapter, span.start, span.end),
+                priority,
+                sent,
+                grad_wire,
             )
             self.bytes_sent += sent.nbytes + grad_wire.nbytes
             self.bytes_received += grad_in.nbytes + tensors_bytes(span_grads)

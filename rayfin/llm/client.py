@@ -21,6 +21,7 @@ from rayfin.errors import LLMError, SessionError
 from rayfin.llm.backprop import RemoteBackprop
 from rayfin.llm.checkpoint import load_client_parts, load_config, model_shape
 from rayfin.llm.cohort import StepCohort
+from rayfin.llm.finetune import hidden_states, prepend_prefix
 from rayfin.llm.generation import SamplingOptions, StopState, TokenSelector
 from rayfin.llm.loading import resolve_model_path
 from rayfin.llm.lora import LoraAdapter, LoraConfig
@@ -325,8 +326,7 @@ class DistributedCausalLM:
                 embeds = self.embed(input_ids)
                 first = session.prefix is not None and session.position == 0
                 if first:
-                    prefix = session.prefix.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
-                    embeds = torch.cat([prefix, embeds], dim=1)
+                    embeds = prepend_prefix(session.prefix, embeds)
                 virtual.append(session.prefix.shape[0] if first else 0)
                 hidden.append(embeds)
             except Exception as exc:
@@ -373,11 +373,8 @@ class DistributedCausalLM:
         virtual = prefix.num_virtual_tokens if prefix is not None else 0
         self._check_length(input_ids.shape[1] + virtual)
         with torch.no_grad():
-            embeds = self.embed(input_ids)
-            if prefix is not None:
-                embeds = prefix.prepend(embeds)
-            hidden, _ = self.backprop.forward(embeds, self.adapter, priority=priority)
-        return CausalLMOutput(logits=self.lm_logits(hidden[:, virtual:]))
+            hidden = hidden_states(self, input_ids, priority=priority)  # final norm applied
+            return CausalLMOutput(logits=self.lm_head(hidden))
 
     __call__ = forward
 

@@ -71,8 +71,7 @@ class PromptPrefix(torch.nn.Module):
         return self.embeddings.shape[0]
 
     def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
-        prefix = self.embeddings.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
-        return torch.cat([prefix, embeds], dim=1)
+        return prepend_prefix(self.embeddings, embeds)
 
 
 class ClassificationHead(torch.nn.Module):
@@ -164,6 +163,24 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one right-padded ``[batch, length]`` tensor, and each row's last real
+    index."""
+    if any(not row for row in rows):
+        raise ValueError("an example has no tokens")
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+    return input_ids, torch.tensor([len(row) - 1 for row in rows])
+
+
+def prepend_prefix(prefix: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """``prefix`` ``[virtual, dim]`` before every row of ``embeds`` ``[batch, new, dim]``."""
+    expanded = prefix.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+    return torch.cat([expanded, embeds], dim=1)
+
+
 def make_batch(
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[Any],
@@ -197,13 +214,8 @@ def make_batch(
                 raise ValueError(f"label {label!r} is not one of {list(labels)}")
             rows.append(_encode(tokenizer, text)[-max_length:])
             targets.append(labels.index(label))
-    if any(not row for row in rows):
-        raise ValueError("an example has no tokens")
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-    last = torch.tensor([len(row) - 1 for row in rows])
+    input_ids, last = right_pad(rows, pad_id)
+    length = input_ids.shape[1]
     if task == "causal-lm":
         target = torch.full((len(rows), length), -100, dtype=torch.long)
         for i, row in enumerate(targets):

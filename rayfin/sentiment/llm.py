@@ -87,7 +87,7 @@ class LLMSentimentScorer:
         return f"{INSTRUCTION}\nHeadline: {headline}\nSentiment:"
 
     def score(self, headlines: Sequence[str]) -> np.ndarray:
-        from rayfin.llm.finetune import hidden_states, make_batch
+        from rayfin.llm.finetune import hidden_states, right_pad
 
         if isinstance(headlines, str) or any(not isinstance(h, str) for h in headlines):
             raise TypeError("score takes a sequence of headline strings")
@@ -96,11 +96,14 @@ class LLMSentimentScorer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         for first in range(0, len(headlines), self.batch_size):
             chunk = headlines[first : first + self.batch_size]
-            items = [(self.prompt(h), LABELS[0]) for h in chunk]
-            batch = make_batch(tokenizer, items, ADAPTER_TASK, LABELS, self.max_length, pad)
+            rows = [
+                tokenizer.encode(self.prompt(h), add_special_tokens=False)[-self.max_length :]
+                for h in chunk
+            ]
+            input_ids, last_index = right_pad(rows, pad)
             with torch.no_grad():
-                hidden = hidden_states(self.model, batch.input_ids, priority=self.priority)
-                last = hidden[torch.arange(hidden.shape[0]), batch.last]
+                hidden = hidden_states(self.model, input_ids, priority=self.priority)
+                last = hidden[torch.arange(hidden.shape[0]), last_index]
                 logits = self.model.lm_head(last)[:, self.label_ids]
                 out[first : first + len(chunk)] = torch.softmax(logits.double(), -1).numpy()
         return out
