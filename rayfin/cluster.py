@@ -11,6 +11,22 @@ and nothing is asked for.
 
 from __future__ import annotations
 
+import os
+
+NAMESPACE = "rayfin"
+"""The Ray namespace of rayfin's named actors (swarm registries, the live pipeline's
+actors), so that any driver or Serve replica finds them by name."""
+
+SERVE_ENV: dict[str, str] = {
+    # Ray Serve's HAProxy ingress: HTTP goes from a native HAProxy straight to the ingress
+    # replicas, without Serve's Python proxy hop (p50 from about 9 to about 1.5 ms here).
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # User code on the replica's event loop, handles over gRPC, GC frozen after start-up.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+}
+"""Environment every process of a Ray cluster that runs rayfin's API needs (read by Ray
+Serve when it is imported); ``cluster.yaml`` exports the same. Set either to 0 to opt out."""
+
 ROLES: dict[str, str] = {
     "block_server": "rayfin_block_server",
     "stream": "rayfin_stream",
@@ -29,6 +45,9 @@ def connect_ray(address: str | None) -> None:
     from rayfin.config import get_settings
 
     if address is None:
+        # Workers of a local Ray inherit this process's environment.
+        for key, value in SERVE_ENV.items():
+            os.environ.setdefault(key, value)
         ray.init(
             num_cpus=get_settings().ray.num_cpus,
             include_dashboard=False,

@@ -14,7 +14,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -123,6 +130,57 @@ class StreamSettings(_Section):
     topic_prefix: str = Field("", description="prefix of the topic names, e.g. 'dev.'")
 
 
+class ApiKey(_Section):
+    """One key of the HTTP API: who holds it, what it may do, and the key itself or its
+    SHA-256 (hex). Prefer ``sha256`` in files that others can read; ``rayfin serve keygen``
+    prints both."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Literal["read", "trade"] = "read"
+    key: SecretStr | None = Field(None, description="the key in clear (development)")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    rate_limit_per_s: float | None = Field(None, gt=0, description="this key's own rate")
+    rate_limit_burst: int | None = Field(None, ge=1, description="this key's own burst")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKey:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError(f"API key {self.name!r}: give exactly one of key or sha256")
+        if self.key is not None and len(self.key.get_secret_value()) < 16:
+            raise ValueError(f"API key {self.name!r}: a key needs at least 16 characters")
+        return self
+
+
+class ServeSettings(_Section):
+    """The HTTP API on Ray Serve (``rayfin serve start``, ``rayfin demo``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="who may call the API; none: `rayfin serve start` refuses to start",
+    )
+    rate_limit_per_s: float = Field(200.0, gt=0, description="sustained requests/s per key")
+    rate_limit_burst: int = Field(400, ge=1, description="requests a key may send at once")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body")
+    max_upload_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest model upload (POST /v1/models)"
+    )
+    max_prompt_tokens: int = Field(1024, ge=1, description="longest prompt /v1/generate takes")
+    max_new_tokens: int = Field(256, ge=1, description="most tokens one /v1/generate makes")
+    model: str = Field("market", description="the registered market model /v1/score uses")
+    threshold: float = Field(
+        0.7, gt=0.5, le=1.0, description="the strategy threshold /v1/score decides with"
+    )
+    registry: str | None = Field(None, description="model registry; defaults to <state_dir>/models")
+    swarm: str = Field("default", description="the LLM swarm behind /v1/generate, /v1/sentiment")
+    llm: str | None = Field(None, description="the swarm's model; defaults to models.default")
+    sentiment_adapter: str | None = Field(
+        None, description="NAME[@VERSION] in the adapter hub for /v1/sentiment; else zero-shot"
+    )
+    replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
+
+
 class Settings(BaseSettings):
     """rayfin configuration. Build with :func:`get_settings` rather than directly."""
 
@@ -139,6 +197,7 @@ class Settings(BaseSettings):
     ray: RaySettings = Field(default_factory=RaySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     @field_validator("cache_dir", "state_dir")
     @classmethod
@@ -156,6 +215,10 @@ class Settings(BaseSettings):
             self.database.points_url = f"sqlite:///{self.state_dir / 'points.db'}"
         if self.stream.archive is None:
             self.stream.archive = str(self.state_dir / "archive")
+        if self.serve.registry is None:
+            self.serve.registry = str(self.state_dir / "models")
+        if self.serve.llm is None:
+            self.serve.llm = self.models.default
         return self
 
     @classmethod

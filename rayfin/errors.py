@@ -42,6 +42,23 @@ class SessionError(LLMError):
     """A session was used wrongly: closed, too long, or unknown to the server."""
 
 
+class PromptTooLongError(SessionError):
+    """A prompt has more tokens than the server takes, or than the model has positions for
+    once the tokens to generate are added."""
+
+    def __init__(self, tokens: int, limit: int, what: str = "prompt") -> None:
+        super().__init__(
+            f"the {what} is {tokens} tokens; the limit is {limit}: shorten it or ask for fewer "
+            "new tokens"
+        )
+        self.tokens = tokens
+        self.limit = limit
+        self.what = what
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, str]]:
+        return (type(self), (self.tokens, self.limit, self.what))
+
+
 class SessionNotOpenError(SessionError):
     """A server does not hold the session (closed, expired, or the server restarted);
     the client can reopen it there and replay."""

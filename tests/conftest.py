@@ -9,7 +9,7 @@ import pytest
 
 from rayfin.config import get_settings, reload_settings
 
-pytest_plugins = ["rayfin.testing", "market_fixtures"]
+pytest_plugins = ["rayfin.testing", "market_fixtures", "api_fixtures"]
 
 
 @pytest.fixture(autouse=True)

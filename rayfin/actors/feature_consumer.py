@@ -14,8 +14,11 @@ from typing import Any
 
 import ray
 
-from rayfin.cluster import placement
+from rayfin.cluster import NAMESPACE, placement
 from rayfin.stream.consumer import ConsumerConfig, StreamConsumer
+
+CONSUMER_ACTOR_PREFIX = "consumer."
+"""Named consumers are ``consumer.<member>`` in the ``rayfin`` namespace."""
 
 
 class FeatureConsumer:
@@ -74,17 +77,24 @@ def launch_consumers(
     prefix: str = "consumer",
     trader: Any = None,
     scorer: Any = None,
+    named: bool = False,
 ) -> list[Any]:
     """Start ``count`` members of ``config.group_id``, handing their tick features to
     ``trader`` (a :class:`~rayfin.actors.trader.TradingActor`) if given, and scoring their
     news with ``scorer`` (a :class:`~rayfin.actors.sentiment.SentimentActor`) if given;
-    returns their handles, started."""
+    returns their handles, started. ``named`` names them ``consumer.<prefix>-<i>`` in the
+    ``rayfin`` namespace, where the HTTP API finds the live pipeline."""
     actor = ray.remote(FeatureConsumer)
-    handles = [
-        actor.options(num_cpus=num_cpus, max_concurrency=100, resources=placement("stream")).remote(
-            config, f"{prefix}-{i}", trader, scorer
-        )
-        for i in range(count)
-    ]
+    handles = []
+    for i in range(count):
+        member = f"{prefix}-{i}"
+        options: dict[str, Any] = {
+            "num_cpus": num_cpus,
+            "max_concurrency": 100,
+            "resources": placement("stream"),
+        }
+        if named:
+            options |= {"name": CONSUMER_ACTOR_PREFIX + member, "namespace": NAMESPACE}
+        handles.append(actor.options(**options).remote(config, member, trader, scorer))
     ray.get([h.start.remote() for h in handles])
     return handles

@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 import ray
 from sqlalchemy.engine import make_url
 
+from rayfin.cluster import NAMESPACE
 from rayfin.config import get_settings
 from rayfin.errors import InsufficientPointsError, LLMError, PointsError
 from rayfin.llm.points import PointsLedger, PointsPolicy, WorkKind, WorkRecord
-from rayfin.llm.swarm import NAMESPACE
 
 __all__ = ["PointsBank", "WorkMeter", "bank_name", "find_points_bank", "launch_points_bank"]
 

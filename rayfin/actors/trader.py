@@ -15,12 +15,15 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from rayfin.cluster import placement
+from rayfin.cluster import NAMESPACE, placement
 from rayfin.features.sentiment import DEFAULT_HALF_LIFE_S
 from rayfin.trading.engine import TradingConfig
 from rayfin.trading.ledger import Ledger
 from rayfin.trading.live import DEFAULT_TRADER_NAME, LiveTrader
 from rayfin.trading.scoring import Model
+
+TRADER_ACTOR = "trader"
+"""The name of the account's live trader in the ``rayfin`` namespace."""
 
 
 class TradingActor:
@@ -77,9 +80,12 @@ def launch_trader(
     name: str = DEFAULT_TRADER_NAME,
     half_life_s: float = DEFAULT_HALF_LIFE_S,
     num_cpus: float = 0.5,
+    actor_name: str | None = None,
 ) -> Any:
     """Start the trading actor (restarting on failure, retrying calls in flight); returns
-    its handle, ready."""
+    its handle, ready. ``actor_name`` names it in the ``rayfin`` namespace, where the HTTP
+    API finds the live pipeline (:data:`TRADER_ACTOR` is the name it looks for)."""
+    named = {} if actor_name is None else {"name": actor_name, "namespace": NAMESPACE}
     handle = (
         ray.remote(TradingActor)
         .options(
@@ -87,6 +93,7 @@ def launch_trader(
             max_restarts=-1,
             max_task_retries=-1,
             resources=placement("stream"),
+            **named,
         )
         .remote(model, config, ledger_url, schema=schema, name=name, half_life_s=half_life_s)
     )

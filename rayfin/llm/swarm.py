@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from rayfin.cluster import NAMESPACE
 from rayfin.errors import LLMError, UnsupportedModelError
 from rayfin.llm.server_info import (
     DEFAULT_CACHE_BYTES,
@@ -23,9 +24,6 @@ from rayfin.llm.server_info import (
     ServerInfo,
     ServerRecord,
 )
-
-NAMESPACE = "rayfin"
-
 
 # OpenMP threads of a server spin only briefly after an op, then sleep. With the default
 # (about 300k spins, several ms) idle stages steal the cores the busy stage on the same

@@ -456,6 +456,7 @@ class Ledger(SqlStore):
         end: int | dt.datetime | None,
         limit: int | None,
         offset: int,
+        newest_first: bool = False,
     ) -> pd.DataFrame:
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise TradingError(f"limit must be an int >= 0 or None, got {limit!r}")
@@ -469,7 +470,8 @@ class Ledger(SqlStore):
             query = query.where(table.c.ts >= start_ns)
         if (end_ns := _ns(end, "end")) is not None:
             query = query.where(table.c.ts < end_ns)
-        query = query.order_by(*(table.c[name] for name in order_by))
+        keys = [table.c[name] for name in order_by]
+        query = query.order_by(*(key.desc() for key in keys) if newest_first else keys)
         return self._frame(query.limit(limit).offset(offset))
 
     def decisions(
@@ -479,10 +481,15 @@ class Ledger(SqlStore):
         end: int | dt.datetime | None = None,
         limit: int | None = None,
         offset: int = 0,
+        *,
+        newest_first: bool = False,
     ) -> pd.DataFrame:
         """Decisions with ``start <= ts < end`` (ns or aware datetimes), of ``symbol`` if
-        given, oldest first; ``limit`` and ``offset`` page through them."""
-        return self._query(self._t.decisions, ("ts", "seq"), symbol, start, end, limit, offset)
+        given, oldest first (or ``newest_first``); ``limit`` and ``offset`` page through
+        them."""
+        return self._query(
+            self._t.decisions, ("ts", "seq"), symbol, start, end, limit, offset, newest_first
+        )
 
     def orders(
         self,
@@ -491,9 +498,13 @@ class Ledger(SqlStore):
         end: int | dt.datetime | None = None,
         limit: int | None = None,
         offset: int = 0,
+        *,
+        newest_first: bool = False,
     ) -> pd.DataFrame:
-        """Orders, filtered and paged as :meth:`decisions`."""
-        return self._query(self._t.orders, ("ts", "id"), symbol, start, end, limit, offset)
+        """Orders, filtered, ordered and paged as :meth:`decisions`."""
+        return self._query(
+            self._t.orders, ("ts", "id"), symbol, start, end, limit, offset, newest_first
+        )
 
     def fills(
         self,

@@ -1,0 +1,337 @@
+"""The HTTP API's bodies: one pydantic model per request and response, shared by the
+server (validation, the OpenAPI spec and its examples) and the Python SDK (typed results).
+
+Times go out twice, as ``ts`` (integer nanoseconds since the epoch, UTC, the ledger's own
+clock) and ``time`` (ISO 8601, UTC), and come in as timezone-aware ISO 8601 datetimes.
+Every error is an :class:`ErrorBody`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+API_VERSION = "v1"
+MAX_PAGE = 1000
+"""Most rows one page of decisions or orders returns."""
+MAX_SCORE_ROWS = 1000
+"""Most rows one batch score request takes."""
+MAX_HEADLINES = 64
+MAX_HEADLINE_CHARS = 512
+MAX_FEATURES = 256
+"""Most feature columns one row may carry (a model uses a few dozen)."""
+
+Symbol = Annotated[
+    str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._:/-]+$", examples=["ES"])
+]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number")
+    return value
+
+
+class _Body(BaseModel):
+    # Unknown fields are errors: a misspelt option must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    # The SDK reads responses of newer servers, which may carry fields it does not know.
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class ErrorDetail(_Out):
+    """What went wrong: a stable ``code`` to branch on and a ``message`` for people."""
+
+    code: str = Field(examples=["validation_error"])
+    message: str = Field(examples=["body.features: field required"])
+    detail: Any = None
+
+
+class ErrorBody(_Out):
+    """Every error response."""
+
+    error: ErrorDetail
+
+
+# --- scoring --------------------------------------------------------------------------------
+
+
+class ScoreRow(_Body):
+    """One tick's engine features, as the live pipeline computes them."""
+
+    symbol: Symbol
+    price: float = Field(gt=0, description="the tick's trade price", examples=[1640.25])
+    ts: AwareDatetime | None = Field(
+        None, description="the tick's event time; default now", examples=["2013-09-03T14:30:00Z"]
+    )
+    features: dict[Annotated[str, Field(max_length=64)], float] = Field(
+        max_length=MAX_FEATURES,
+        description="feature columns by name (rayfin.features.spec); missing ones the model "
+        "needs are reported by name",
+        examples=[{"sma_20": 1640.1, "ret_1": 0.0002, "vol_100": 0.0004}],
+    )
+    sentiment: float | None = Field(
+        None, ge=-1.0, le=1.0, description="news sentiment in [-1, 1]; neutral if omitted"
+    )
+    position: int = Field(
+        0,
+        ge=-1_000_000,
+        le=1_000_000,
+        description="signed position, in contracts, the decision assumes (pending orders included)",
+    )
+
+    @field_validator("price")
+    @classmethod
+    def _price(cls, value: float) -> float:
+        return _finite(value, "price")
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, values: dict[str, float]) -> dict[str, float]:
+        for name, value in values.items():
+            _finite(value, f"features.{name}")
+        return values
+
+
+class ScoreBatch(_Body):
+    """Many rows scored in one call (one model pass)."""
+
+    rows: list[ScoreRow] = Field(min_length=1, max_length=MAX_SCORE_ROWS)
+
+
+class ModelRef(_Out):
+    name: str = Field(examples=["market"])
+    version: int = Field(examples=[3])
+
+
+class Probabilities(_Out):
+    down: Probability
+    flat: Probability
+    up: Probability
+
+
+class DecisionOut(_Out):
+    """What the threshold strategy does with the signal: an order, or why it holds. Risk
+    limits apply in the live trader, which knows the whole portfolio."""
+
+    action: Literal["buy", "sell", "hold"]
+    quantity: int = Field(0, ge=0, description="contracts to trade; 0 when holding")
+    purpose: str | None = Field(None, examples=["entry"])
+    reason: str | None = Field(None, description="why it holds", examples=["below_threshold"])
+    threshold: float = Field(examples=[0.7])
+
+
+class ScoreResult(_Out):
+    symbol: str
+    model: ModelRef
+    probabilities: Probabilities
+    decision: DecisionOut
+
+
+class ScoreBatchResult(_Out):
+    model: ModelRef
+    results: list[ScoreResult]
+
+
+# --- ledger views ---------------------------------------------------------------------------
+
+
+class Page(_Out):
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+
+
+class DecisionRow(_Out):
+    ts: int
+    time: dt.datetime
+    symbol: str
+    price: float
+    p_down: float
+    p_flat: float
+    p_up: float
+    action: str
+    accepted: bool
+    reason: str
+    risk_state: str
+    order_id: str | None = None
+    side: int | None = None
+    quantity: int | None = None
+    purpose: str | None = None
+    sentiment: float | None = None
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
+
+
+class DecisionPage(Page):
+    items: list[DecisionRow]
+
+
+class OrderRow(_Out):
+    id: str
+    ts: int
+    time: dt.datetime
+    symbol: str
+    side: int
+    quantity: int
+    purpose: str
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
+
+
+class OrderPage(Page):
+    items: list[OrderRow]
+
+
+class PositionRow(_Out):
+    symbol: str
+    quantity: int
+    avg_price: float
+    realized_pnl: float
+    fees: float
+    last_price: float | None
+    unrealized_pnl: float
+    ts: int
+    time: dt.datetime
+
+
+class Positions(_Out):
+    items: list[PositionRow]
+
+
+class EquityPoint(_Out):
+    ts: int
+    time: dt.datetime
+    equity: float
+
+
+class PnL(_Out):
+    """Account P&L recomputed from the ledger's fills, open positions at their last price."""
+
+    realized_pnl: float
+    unrealized_pnl: float
+    fees: float
+    equity: float
+    peak_equity: float
+    drawdown: float = Field(description="fraction of peak equity")
+    open_positions: int
+    equity_curve: list[EquityPoint] = Field(description="at most `points` samples, evenly spaced")
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+class ModelVersionOut(_Out):
+    name: str
+    version: int
+    created: str
+    features: list[str]
+    metrics: dict[str, Any]
+    aliases: list[str] = Field(description="aliases pointing at this version now")
+
+
+class ModelList(_Out):
+    name: str
+    production: int | None = Field(description="the version /v1/score uses")
+    versions: list[ModelVersionOut]
+
+
+class ModelUpload(_Body):
+    """A LightGBM model trained elsewhere (the SDK's ``deploy``), registered as the next
+    version; it serves once promoted."""
+
+    name: str = Field("market", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    model_text: str = Field(min_length=1, description="LightGBM model text")
+    features: list[Annotated[str, Field(max_length=64)]] = Field(
+        min_length=1, max_length=MAX_FEATURES
+    )
+    label_spec: dict[str, Any] = Field(description="rayfin.trading.LabelSpec.to_dict()")
+    fingerprint: str = Field(min_length=1, max_length=128)
+    params: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    reference: dict[str, Any] | None = Field(
+        None, description="drift reference (rayfin.trading.monitoring.DriftReference.to_dict)"
+    )
+
+
+# --- LLM ------------------------------------------------------------------------------------
+
+
+class SentimentRequest(_Body):
+    headlines: list[Annotated[str, Field(min_length=1, max_length=MAX_HEADLINE_CHARS)]] = Field(
+        min_length=1,
+        max_length=MAX_HEADLINES,
+        examples=[["Acme beats estimates and raises guidance", "Acme recalls its flagship"]],
+    )
+
+
+class SentimentScore(_Out):
+    headline: str
+    negative: Probability
+    neutral: Probability
+    positive: Probability
+    sentiment: float = Field(ge=-1.0, le=1.0, description="P(positive) - P(negative)")
+
+
+class SentimentResult(_Out):
+    scorer: str = Field(examples=["smollm2-135m zero-shot"])
+    scores: list[SentimentScore]
+
+
+class GenerateRequest(_Body):
+    prompt: str = Field(
+        min_length=1, max_length=64 * 1024, examples=["What is a futures contract?"]
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="capped by the server's limit")
+    chat: bool = Field(True, description="wrap the prompt in the model's chat template")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+class GenerateResult(_Out):
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    tokens_per_s: float
+    finish_reason: Literal["stop", "length"]
+
+
+# --- operations -----------------------------------------------------------------------------
+
+
+class ComponentHealth(_Out):
+    status: Literal["ok", "degraded", "absent", "down"]
+    detail: str = ""
+
+
+class Health(_Out):
+    status: Literal["ok", "degraded"]
+    version: str
+    components: dict[str, ComponentHealth]
+
+
+class PipelineStats(_Out):
+    """The live pipeline as its actors report it (empty when none runs)."""
+
+    consumers: int
+    records_in: int
+    feature_rows: int
+    dead_letters: int
+    latency_ms: dict[str, float]
+    lag: int
+    trader: dict[str, Any] | None
+    llm: dict[str, Any] | None
