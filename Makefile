@@ -13,16 +13,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rayfin-installed
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
-.PHONY: demo test test-all lint format install clean
+.PHONY: demo test test-all lint format install clean browser
 
 demo: $(STAMP)
 	$(BIN)/rayfin demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check rayfin tests benchmarks examples
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -34,6 +34,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix rayfin tests benchmarks examples
 
 install: $(STAMP)
+
+# The dashboard test drives Debian's headless Chromium (its fonts: DejaVu); installed
+# once, as root or through sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	  chromium fonts-dejavu-core; }
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..." >&2; exit 1; }

@@ -27,6 +27,31 @@ SERVE_ENV: dict[str, str] = {
 """Environment every process of a Ray cluster that runs rayfin's API needs (read by Ray
 Serve when it is imported); ``cluster.yaml`` exports the same. Set either to 0 to opt out."""
 
+LOCAL_SERVE_ENV: dict[str, str] = {
+    **SERVE_ENV,
+    # A replica that stops drains its connections for 30 s, for a load balancer to notice;
+    # a Ray on one machine has none, and would wait that long at every shutdown.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+}
+
+
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+"""HAProxy's own listeners, on fixed ports (8404, 9101) unless told otherwise."""
+
+
+def apply_local_env() -> None:
+    """Put :data:`LOCAL_SERVE_ENV` in this process's environment (values already set win),
+    before it starts a local Ray, whose processes inherit it. HAProxy's stats and metrics
+    listeners get free ports, always: a child process that inherited its parent's would
+    clash with the parent's Serve (two local Rays on one machine: a test and a demo)."""
+    from rayfin.stream.broker import free_port
+
+    for key, value in LOCAL_SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+    for key in HAPROXY_PORTS:
+        os.environ[key] = str(free_port())
+
+
 ROLES: dict[str, str] = {
     "block_server": "rayfin_block_server",
     "stream": "rayfin_stream",
@@ -45,10 +70,11 @@ def connect_ray(address: str | None) -> None:
     from rayfin.config import get_settings
 
     if address is None:
-        # Workers of a local Ray inherit this process's environment.
-        for key, value in SERVE_ENV.items():
-            os.environ.setdefault(key, value)
+        apply_local_env()
         ray.init(
+            # A new instance even when a `ray start` cluster runs on this machine, which a
+            # bare ray.init() would join.
+            address="local",
             num_cpus=get_settings().ray.num_cpus,
             include_dashboard=False,
             log_to_driver=False,

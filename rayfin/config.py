@@ -168,17 +168,26 @@ class ServeSettings(_Section):
     )
     max_prompt_tokens: int = Field(1024, ge=1, description="longest prompt /v1/generate takes")
     max_new_tokens: int = Field(256, ge=1, description="most tokens one /v1/generate makes")
-    model: str = Field("market", description="the registered market model /v1/score uses")
-    threshold: float = Field(
-        0.7, gt=0.5, le=1.0, description="the strategy threshold /v1/score decides with"
-    )
-    registry: str | None = Field(None, description="model registry; defaults to <state_dir>/models")
     swarm: str = Field("default", description="the LLM swarm behind /v1/generate, /v1/sentiment")
     llm: str | None = Field(None, description="the swarm's model; defaults to models.default")
     sentiment_adapter: str | None = Field(
         None, description="NAME[@VERSION] in the adapter hub for /v1/sentiment; else zero-shot"
     )
     replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
+    llm_replicas: int = Field(1, ge=1, description="replicas of the LLM client deployment")
+
+
+class TradingSettings(_Section):
+    """The market model and strategy that `rayfin train/backtest/consume`, the API and the
+    demo share."""
+
+    registry: str | None = Field(
+        None, description="model registry, a path or s3:// URI; defaults to <state_dir>/models"
+    )
+    model: str = Field("market", description="the registered market model name")
+    threshold: float = Field(
+        0.7, gt=0.5, le=1.0, description="the strategy's probability threshold (the API's)"
+    )
 
 
 class Settings(BaseSettings):
@@ -198,6 +207,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    trading: TradingSettings = Field(default_factory=TradingSettings)
 
     @field_validator("cache_dir", "state_dir")
     @classmethod
@@ -215,8 +225,8 @@ class Settings(BaseSettings):
             self.database.points_url = f"sqlite:///{self.state_dir / 'points.db'}"
         if self.stream.archive is None:
             self.stream.archive = str(self.state_dir / "archive")
-        if self.serve.registry is None:
-            self.serve.registry = str(self.state_dir / "models")
+        if self.trading.registry is None:
+            self.trading.registry = str(self.state_dir / "models")
         if self.serve.llm is None:
             self.serve.llm = self.models.default
         return self

@@ -139,3 +139,36 @@ class RollbackError(RegistryError):
 class TradingError(RayfinError, ValueError):
     """A trading input is invalid: a signal, order, fill, instrument, or a ledger query or
     database the ledger cannot use."""
+
+
+class ApiRequestError(RayfinError):
+    """The rayfin HTTP API answered a request with an error (any non-2xx status).
+
+    ``code`` is the server's stable error code (``forbidden``, ``rate_limited``,
+    ``missing_features``...) to branch on, ``message`` its explanation and ``detail`` any
+    structured detail (per-field problems for ``validation_error``). ``retry_after`` is the
+    seconds the server asked to wait (429 and 503), else None.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: object = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type, tuple[int, str, str, object, float | None]]:
+        return (type(self), (self.status, self.code, self.message, self.detail, self.retry_after))
+
+
+class ApiConnectionError(RayfinError, ConnectionError):
+    """No HTTP answer came from the rayfin API (refused, reset or timed out), after the
+    retries the request allowed."""

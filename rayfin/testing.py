@@ -126,9 +126,13 @@ def ray_local() -> Iterator[None]:
     for Prometheus every second (see :func:`ray_metrics_url`)."""
     import ray
 
+    from rayfin.cluster import apply_local_env
+
     global _metrics_port
     _metrics_port = free_port()
+    apply_local_env()  # Serve as rayfin runs it: behind HAProxy
     ray.init(
+        address="local",  # never a `ray start` cluster that happens to run here
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

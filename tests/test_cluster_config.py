@@ -7,20 +7,40 @@ JSON schema in ray/autoscaler/ray-schema.json plus cross-field checks), then
 ``bootstrap_config`` (IAM roles, key pairs, security groups). Only autodetection and
 bootstrap talk to the cloud (and need boto3, which is not installed here); ``prepare_config``
 and ``validate_config`` are pure, so this test runs exactly those, offline.
+
+The shell commands that start rayfin's services on the head are checked here too: their
+order, their ``rayfin`` invocations against the real command line (every option must
+exist), and the lines that write ``~/.bashrc`` or start and stop the pipeline, run by bash
+in a scratch home with a stand-in ``rayfin``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 import jsonschema
 import pytest
+import typer.core
+import typer.main
 import yaml
+from pydantic import ValidationError
 from ray.autoscaler._private.local.config import LOCAL_CLUSTER_NODE_TYPE
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from rayfin.cli import app as rayfin_app
+from rayfin.cluster import SERVE_ENV
+from rayfin.config import ServeSettings
+from rayfin.serve.auth import digest, new_key
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS_CONFIG = ROOT / "cluster.yaml"
@@ -124,9 +144,304 @@ def test_local_config_shape(local: dict[str, Any]) -> None:
 def test_both_configs_share_setup_and_start(aws: dict[str, Any], local: dict[str, Any]) -> None:
     assert aws["setup_commands"] == local["setup_commands"]
     assert aws["head_start_ray_commands"] == local["head_start_ray_commands"]
+    # The head's settings too; only AWS needs boto3 (its autoscaler launches EC2 nodes).
+    assert [c for c in aws["head_setup_commands"] if c != "pip install boto3"] == local[
+        "head_setup_commands"
+    ]
     assert aws["file_mounts"] == local["file_mounts"] == {"/home/ubuntu/rayfin": "."}
     for config in (aws, local):
         assert {".venv", ".git", "__pycache__"} <= set(config["rsync_exclude"])
+
+
+# The services the head starts: the API, the SmolLM2 swarm, a first model, the pipeline.
+
+PUNCTUATION = set("();<>|&")
+
+
+def _index(commands: list[str], needle: str) -> int:
+    found = [i for i, c in enumerate(commands) if needle in c]
+    assert found, f"no command contains {needle!r}"
+    return found[0]
+
+
+def _tokens(command: str) -> list[str]:
+    """A shell command's words, with operators (``;``, ``||``, ``>``, ``$(`` ...) apart."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def _rayfin_calls(command: str) -> list[list[str]]:
+    """The arguments of every ``rayfin`` invocation in a shell command."""
+    tokens = _tokens(command)
+    calls = []
+    for i, token in enumerate(tokens):
+        if token == "rayfin":
+            args = []
+            for arg in tokens[i + 1 :]:
+                if set(arg) <= PUNCTUATION:
+                    break
+                args.append(arg)
+            calls.append(args)
+    return calls
+
+
+def _call(commands: list[str], *names: str) -> list[str]:
+    """The arguments of the one ``rayfin NAMES ...`` invocation among ``commands``."""
+    (args,) = [a for c in commands for a in _rayfin_calls(c) if tuple(a[: len(names)]) == names]
+    return args
+
+
+def _python_snippets(command: str) -> list[str]:
+    tokens = _tokens(command)
+    return [
+        tokens[i + 2] for i, t in enumerate(tokens[:-2]) if t == "python" and tokens[i + 1] == "-c"
+    ]
+
+
+def _parse(args: list[str]) -> Any:
+    """Parse ``rayfin ARGS`` with the real command line (typer's click), running nothing:
+    an unknown command or option, or an invalid value, raises a usage error."""
+    command: Any = typer.main.get_command(rayfin_app)
+    names = list(args)
+    while isinstance(command, typer.core.TyperGroup):
+        name = names.pop(0)
+        found = command.get_command(command.make_context("rayfin", [name]), name)
+        assert found is not None, f"rayfin has no command {name!r} (in {args})"
+        command = found
+    return command.make_context(command.name, names)
+
+
+def test_head_starts_the_services_after_the_broker(aws: dict[str, Any]) -> None:
+    commands = aws["head_start_ray_commands"]
+    order = [
+        _index(commands, "rayfin-consume.pid"),  # stop the pipeline of an earlier `ray up`
+        commands.index("ray stop"),
+        _index(commands, "ray start --head"),
+        _index(commands, "rayfin broker start"),
+        _index(commands, "rayfin serve start"),
+        _index(commands, "rayfin llm serve"),
+        _index(commands, "rayfin train"),
+        _index(commands, "ensure_topics"),
+        _index(commands, "rayfin consume"),
+    ]
+    assert order == sorted(set(order)), order
+    api = _parse(_call(commands, "serve", "start")).params
+    assert (api["detach"], api["host"], api["port"], api["llm"]) == (True, "0.0.0.0", 8000, True)
+    swarm = _parse(_call(commands, "llm", "serve")).params
+    assert (swarm["model"], swarm["stages"], swarm["detach"]) == ("smollm2-135m", 3, True)
+    assert swarm["name"] == ServeSettings().swarm  # the swarm the API's LLM routes use
+    pipeline = _parse(_call(commands, "consume")).params
+    assert pipeline["trade"]
+    assert pipeline["sentiment"] == "llm"
+    assert pipeline["swarm"] == swarm["name"]
+    assert pipeline["model"] == "market:production"
+    # Train only when the registry has no production model: `check || rayfin train`.
+    train = commands[_index(commands, "rayfin train")]
+    assert "|| rayfin train" in train
+    assert '.get("market", "production")' in train
+    assert _parse(_call(commands, "train")).params["promote"]
+    # The pipeline runs in the background, logged, with its pid kept for the next start.
+    start = commands[_index(commands, "rayfin consume")]
+    assert "nohup rayfin consume" in start
+    assert "> ~/rayfin-consume.log 2>&1 < /dev/null &" in start
+    assert start.endswith("echo $! > ~/rayfin-consume.pid")
+
+
+@pytest.mark.parametrize("path", [AWS_CONFIG, LOCAL_CONFIG], ids=lambda p: p.name)
+def test_every_rayfin_call_parses(path: Path) -> None:
+    config = _load(path)
+    commands = [*config["setup_commands"], *config["head_setup_commands"]]
+    commands += config["head_start_ray_commands"]
+    calls = [args for c in commands for args in _rayfin_calls(c)]
+    assert len(calls) == 6  # models, broker, serve, llm, train, consume
+    for args in calls:
+        _parse(args)
+    for command in commands:
+        for snippet in _python_snippets(command):
+            compile(snippet, "python -c", "exec")
+        done = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
+
+
+def test_the_command_line_check_bites() -> None:
+    # (This option is documented but missing, so the configs advertise the broker through
+    # RAYFIN_BROKER__ADVERTISED_HOST instead.)
+    with pytest.raises(Exception, match="No such option: --advertised-host"):
+        _parse(["broker", "start", "--advertised-host", "10.0.0.1"])
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        _parse(["llm", "serve", "--stages", "0"])
+
+
+def _bash(command: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a config's command as Ray does (bash, ~/.bashrc sourced), in a scratch home."""
+    environ = {**os.environ, "HOME": str(home), **env}
+    script = f"test -f ~/.bashrc && source ~/.bashrc\n{command}"
+    return subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, env=environ, timeout=120
+    )
+
+
+def _bashrc_env(home: Path) -> dict[str, str]:
+    done = _bash("env -0", home)
+    assert done.returncode == 0, done.stderr
+    return dict(line.split("=", 1) for line in done.stdout.split("\0") if "=" in line)
+
+
+def test_every_node_exports_serve_env_before_ray_start(aws: dict[str, Any], tmp_path: Path) -> None:
+    # Setup commands run before the start commands on every node, head and workers.
+    prepared = _ray_check(aws)
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert any("RAY_SERVE_ENABLE_HA_PROXY" in c for c in prepared[key]), key
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert not any("RAY_SERVE_" in c for c in aws[key]), key
+    # Run the setup lines that write ~/.bashrc (twice: `ray up` reruns them), less the venv.
+    lines = [c for c in aws["setup_commands"] if "~/.bashrc" in c and "rayfin-venv" not in c]
+    home = tmp_path / "home"
+    home.mkdir()
+    for _ in range(2):
+        for line in lines:
+            assert _bash(line, home).returncode == 0
+    env = _bashrc_env(home)
+    assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
+    assert (home / ".bashrc").read_text().count("RAY_SERVE_ENABLE_HA_PROXY") == 1
+
+
+def test_head_settings(aws: dict[str, Any], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    lines = [c for c in aws["head_setup_commands"] if "~/.bashrc" in c]
+    for _ in range(2):
+        for line in lines:
+            done = _bash(line, home)
+            assert done.returncode == 0, done.stderr
+    env = _bashrc_env(home)
+    assert env["RAYFIN_RAY__ADDRESS"] == "auto"  # every rayfin command joins the cluster
+    assert env["RAYFIN_RAY__PLACEMENT"] == "markers"  # ... and asks for its node type
+    # The broker is advertised at the head's first address (`hostname -I`, Linux).
+    assert env["RAYFIN_BROKER__HOST"] == "0.0.0.0"
+    addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True)
+    if addresses.returncode == 0 and addresses.stdout.split():
+        assert env["RAYFIN_BROKER__ADVERTISED_HOST"] == addresses.stdout.split()[0]
+    # The API keys: digests only, and a placeholder that refuses to run until replaced.
+    keys = json.loads(env["RAYFIN_SERVE__API_KEYS"])
+    assert [(k["name"], k["role"], set(k)) for k in keys] == [
+        ("ops", "trade", {"name", "role", "sha256"})
+    ]
+    assert "PLACEHOLDER" in keys[0]["sha256"]
+    with pytest.raises(ValidationError, match="sha256"):
+        ServeSettings(api_keys=keys)
+    keys[0]["sha256"] = digest(new_key())
+    assert ServeSettings(api_keys=keys).api_keys[0].role == "trade"
+    assert (home / ".bashrc").read_text().count("RAYFIN_SERVE__API_KEYS") == 1
+
+
+def test_aws_opens_the_api_port_to_a_placeholder_range(aws: dict[str, Any]) -> None:
+    rules = _ray_check(aws)["provider"]["security_group"]["IpPermissions"]
+    (api,) = [r for r in rules if r["FromPort"] == 8000]
+    assert (api["ToPort"], api["IpProtocol"]) == (8000, "tcp")
+    assert [r["CidrIp"] for r in api["IpRanges"]] == ["203.0.113.0/24"]  # TEST-NET-3
+
+
+STUB = """#!/usr/bin/env bash
+# A stand-in for rayfin: records its arguments, and stops on SIGINT like `rayfin consume`.
+echo "$@" >> "$HOME/rayfin-calls"
+if [ "$1" = consume ]; then
+  trap 'echo stopped-by-INT >> "$HOME/rayfin-calls"; exit 0' INT
+  while true; do sleep 0.1; done
+fi
+"""
+
+
+def test_first_model_and_pipeline_lines_run(aws: dict[str, Any], tmp_path: Path) -> None:
+    commands = aws["head_start_ray_commands"]
+    home = tmp_path / "home"
+    home.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "rayfin").write_text(STUB)
+    (bin_dir / "rayfin").chmod(0o755)
+    # `python` is this interpreter (with rayfin); `rayfin` is the stand-in.
+    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    registry = _setting("registry")
+    calls = home / "rayfin-calls"
+
+    # No production model in the (empty) registry: the check fails, so it trains.
+    train = commands[_index(commands, "rayfin train")]
+    done = _bash(train.replace(" 2>/dev/null", ""), home, PATH=path)
+    assert done.returncode == 0, done.stderr
+    assert "ModelNotFoundError" in done.stderr  # the check ran, and found no model
+    assert calls.read_text().splitlines() == [f"train --registry {registry}"]
+    calls.unlink()
+    # With a production model (a tiny real one), nothing is trained.
+    _promote_a_model(registry)
+    done = _bash(train, home, PATH=path)
+    assert done.returncode == 0, done.stderr
+    assert not calls.exists()
+
+    # The pipeline starts in the background and the next `ray up` stops it with SIGINT.
+    done = _bash(commands[_index(commands, "rayfin consume")], home, PATH=path)
+    assert done.returncode == 0, done.stderr
+    pid = int((home / "rayfin-consume.pid").read_text())
+    try:
+        assert (home / "rayfin-consume.log").exists()
+        _wait_for_lines(calls, 1)
+        assert calls.read_text().splitlines() == [
+            f"consume --consumers 2 --trade --registry {registry} --ledger {_setting('ledger')} "
+            "--default-tick-size 0.01 --sentiment llm"
+        ]
+        # (Some containers never reap orphans, so the stopped stand-in stays a zombie that
+        # `kill -0` still finds: the wait for it is cut to 3 s here.)
+        stop = commands[_index(commands, "rayfin-consume.pid")].replace("seq 30", "seq 3")
+        done = _bash(stop, home, PATH=path)
+        assert done.returncode == 0, done.stderr
+        _wait_for_lines(calls, 2)
+        assert calls.read_text().splitlines()[-1] == "stopped-by-INT"
+        assert not (home / "rayfin-consume.pid").exists()
+    finally:
+        if "stopped-by-INT" not in calls.read_text():  # still running: the stand-in we started
+            os.kill(pid, signal.SIGKILL)
+
+
+def _promote_a_model(root: str) -> None:
+    """Register a tiny real LightGBM model as ``market`` and promote it."""
+    import lightgbm
+    import numpy as np
+
+    from rayfin.trading.labels import LabelSpec
+    from rayfin.trading.registry import ModelRegistry
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 1))
+    y = (x[:, 0] > 0.5).astype(int) + (x[:, 0] > -0.5).astype(int)
+    params = {"objective": "multiclass", "num_class": 3, "num_leaves": 4, "verbosity": -1}
+    booster = lightgbm.train(params, lightgbm.Dataset(x, y, feature_name=["ret_1"]), 5)
+    registry = ModelRegistry(root)
+    version = registry.register(
+        booster,
+        name="market",
+        features=["ret_1"],
+        label_spec=LabelSpec(horizon_seconds=30, threshold=0.5),
+        fingerprint="0" * 64,
+    )
+    registry.promote("market", version.version)
+
+
+def _setting(name: str) -> str:
+    """The registry or ledger the head's commands resolve, from the test's settings."""
+    from rayfin.config import get_settings
+
+    settings = get_settings()
+    return str(settings.serve.registry if name == "registry" else settings.database.url)
+
+
+def _wait_for_lines(path: Path, count: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} has fewer than {count} lines")
 
 
 # Validation must bite: each broken variant has to be rejected by Ray itself.

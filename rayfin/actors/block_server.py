@@ -11,6 +11,11 @@ claims, and its operator earns points for it. Training requests
 (:meth:`BlockServer.forward` with an adapter, :meth:`BlockServer.backward`) apply the LoRA
 matrices the client sent for that request only (:mod:`rayfin.llm.lora`), and the server's
 weights never change (:meth:`BlockServer.weights_digest`).
+
+Every second the server exports its KV cache use, the tokens its blocks processed and the
+seconds each compute took to Prometheus through Ray's metrics (``ray_rayfin_llm_kv_cache_*``,
+``ray_rayfin_llm_server_*``, labelled with the server id): the figures its
+:class:`~rayfin.llm.server_info.ServerInfo` reports, so nothing extra is counted per token.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hashlib
 import itertools
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -48,6 +54,12 @@ _LATENCY_EMA = 0.2
 _HEARTBEAT_S = 5.0
 # A session that stepped this recently is expected back soon: worth holding a batch for.
 _ACTIVE_WITHIN_S = 0.5
+# How often a server hands its figures to Ray's metrics (which exports them on its own
+# schedule), and the most compute durations it keeps for the histogram in between.
+_METRICS_S = 1.0
+_METRICS_KEEP = 10_000
+# Seconds per compute: a decode step of a few blocks on a GPU up to a long CPU prefill.
+STEP_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0]
 
 
 @dataclass(slots=True)
@@ -147,6 +159,11 @@ class BlockServer:
         self.tokens = 0
         self.busy_s = 0.0
         self.block_latency_s = self._measure_block_latency()
+        # Prometheus (inside Ray): compute durations not yet observed, tokens exported so far.
+        self._metrics = _ServerMetrics.create(config.server_id)
+        self._computes: deque[float] = deque(maxlen=_METRICS_KEEP)
+        self._tokens_exported = 0
+        self._exporter: asyncio.Task[None] | None = None
         self.node_id = ray.get_runtime_context().get_node_id()
         from rayfin.llm.swarm import find_registry
 
@@ -189,6 +206,28 @@ class BlockServer:
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
             self._meter.start(interval_s=1.0)
+        if self._metrics is not None and (self._exporter is None or self._exporter.done()):
+            self._exporter = asyncio.get_running_loop().create_task(self._export_metrics())
+
+    async def _export_metrics(self) -> None:
+        while True:
+            self._export()
+            await asyncio.sleep(_METRICS_S)
+
+    def _export(self) -> None:
+        """Hand the cache gauges, the tokens since the last export and the compute
+        durations recorded since then to Ray's metrics."""
+        metrics = self._metrics
+        if metrics is None:
+            return
+        metrics.cache(self.caches.capacity_bytes, self.caches.used_bytes, self.caches.num_sessions)
+        tokens = self.tokens  # written by the compute thread; one read, then the delta
+        if tokens > self._tokens_exported:
+            metrics.tokens.inc(tokens - self._tokens_exported, tags=metrics.tags)
+            self._tokens_exported = tokens
+        computes = self._computes
+        while computes:  # the compute thread appends, only this loop takes
+            metrics.step_seconds.observe(computes.popleft(), tags=metrics.tags)
 
     async def _reap_idle(self) -> None:
         interval = max(0.05, min(_HEARTBEAT_S, self.config.idle_timeout_s / 4))
@@ -248,6 +287,7 @@ class BlockServer:
 
     async def leave(self) -> None:
         """Deregister from the swarm, then exit: clients route around this server."""
+        self._export()
         await self._meter.aclose(timeout_s=5)
         if self._registry is not None:
             with contextlib.suppress(ray.exceptions.RayError):
@@ -602,6 +642,8 @@ class BlockServer:
         self.requests += requests
         self.tokens += tokens
         self.busy_s += elapsed
+        if self._metrics is not None:
+            self._computes.append(elapsed)  # observed by the next export
 
     def _run_batch(self, batch: list[_Step]) -> list[torch.Tensor]:
         slots: list[CacheSlot] = []
@@ -634,3 +676,61 @@ class BlockServer:
                 "inference", item.hidden.shape[0] * item.hidden.shape[1], end - start, account
             )
         return list(out.split([b.hidden.shape[0] for b in batch])) if len(batch) > 1 else [out]
+
+
+@dataclass(slots=True)
+class _ServerMetrics:
+    """A server's Prometheus side (Ray adds ``ray_``, and ``_total`` to counters); every
+    series is labelled with the server's id, one per server of the swarm."""
+
+    tags: dict[str, str]
+    capacity: Any
+    used: Any
+    sessions: Any
+    tokens: Any
+    step_seconds: Any
+
+    @classmethod
+    def create(cls, server_id: str) -> _ServerMetrics | None:
+        if not ray.is_initialized():
+            return None
+        from ray.util import metrics
+
+        tag_keys = ("server",)
+        return cls(
+            tags={"server": server_id},
+            capacity=metrics.Gauge(
+                "rayfin_llm_kv_cache_capacity_bytes",
+                description="Bytes of KV cache a block server may reserve for sessions.",
+                tag_keys=tag_keys,
+            ),
+            used=metrics.Gauge(
+                "rayfin_llm_kv_cache_used_bytes",
+                description="Bytes of KV cache reserved by a block server's open sessions "
+                "(each reserves its whole max_length when it opens).",
+                tag_keys=tag_keys,
+            ),
+            sessions=metrics.Gauge(
+                "rayfin_llm_kv_cache_sessions",
+                description="Inference sessions open on a block server (each holds a KV cache).",
+                tag_keys=tag_keys,
+            ),
+            tokens=metrics.Counter(
+                "rayfin_llm_server_tokens",
+                description="Tokens (batch rows x positions) a block server pushed through its "
+                "blocks: session steps and stateless forward and backward passes.",
+                tag_keys=tag_keys,
+            ),
+            step_seconds=metrics.Histogram(
+                "rayfin_llm_server_step_seconds",
+                description="Compute seconds of one call into a block server's blocks: a "
+                "batch of session steps, or a stateless forward or backward pass.",
+                boundaries=STEP_BUCKETS_S,
+                tag_keys=tag_keys,
+            ),
+        )
+
+    def cache(self, capacity: int, used: int, sessions: int) -> None:
+        self.capacity.set(float(capacity), tags=self.tags)
+        self.used.set(float(used), tags=self.tags)
+        self.sessions.set(float(sessions), tags=self.tags)

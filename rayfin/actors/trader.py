@@ -10,6 +10,7 @@ batch is traded once.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from rayfin.features.sentiment import DEFAULT_HALF_LIFE_S
 from rayfin.trading.engine import TradingConfig
 from rayfin.trading.ledger import Ledger
 from rayfin.trading.live import DEFAULT_TRADER_NAME, LiveTrader
+from rayfin.trading.metrics import TradingMetrics
 from rayfin.trading.scoring import Model
 
 TRADER_ACTOR = "trader"
@@ -27,7 +29,8 @@ TRADER_ACTOR = "trader"
 
 
 class TradingActor:
-    """A :class:`~rayfin.trading.live.LiveTrader` behind a Ray actor."""
+    """A :class:`~rayfin.trading.live.LiveTrader` behind a Ray actor, recording what it
+    does in :class:`~rayfin.trading.metrics.TradingMetrics` (Prometheus through Ray)."""
 
     def __init__(
         self,
@@ -41,13 +44,18 @@ class TradingActor:
     ) -> None:
         ledger = Ledger(ledger_url, schema=schema)
         self.live = LiveTrader(model, config, ledger, name=name, half_life_s=half_life_s)
+        self.metrics = TradingMetrics(name, self.live.engine.outcomes)
+        self.metrics.state(self.live.engine)
 
     def on_features(self, topic: str, rows: pa.Table) -> int:
         """Trade a micro-batch of tick-feature rows of ``topic``; returns rows traded."""
+        begin = time.perf_counter()
         columns = {name: rows.column(name).to_numpy() for name in rows.column_names}
         before = self.live.records
         self.live.on_features(topic, columns)
-        return self.live.records - before
+        traded = self.live.records - before
+        self.metrics.batch(traded, time.perf_counter() - begin, self.live.engine)
+        return traded
 
     def on_news(self, topic: str, rows: pa.Table) -> int:
         """Add scored stories of ``topic`` (``ts``, ``symbols``, ``sentiment``,
@@ -59,7 +67,9 @@ class TradingActor:
         return self.live.on_news(topic, columns)
 
     def stats(self) -> dict[str, Any]:
-        return self.live.stats()
+        """The trader's :meth:`~rayfin.trading.live.LiveTrader.stats`, and under ``metrics``
+        what this process counted (ticks, batches, decisions, risk rejections, batch_ms)."""
+        return {**self.live.stats(), "metrics": self.metrics.snapshot()}
 
     def ledger_url(self) -> str:
         """The ledger's database URL, password hidden."""
@@ -68,6 +78,7 @@ class TradingActor:
     def reset_risk(self) -> str:
         """Return the risk manager to ACTIVE after a halt; returns the state."""
         self.live.reset_risk()
+        self.metrics.state(self.live.engine)
         return self.live.engine.risk.state.value
 
 

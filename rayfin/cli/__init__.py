@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from rayfin import __version__
-from rayfin.cli import broker, data, demo, llm, market, models, stream, trading
+from rayfin.cli import broker, data, demo, llm, market, models, serve, stream, trading
 from rayfin.cli.console import console, run_guarded
 from rayfin.config import CONFIG_ENV_VAR
 
@@ -25,6 +25,7 @@ app.add_typer(broker.app, name="broker")
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.add_typer(llm.app, name="llm")
+app.add_typer(serve.app, name="serve")
 app.command("demo")(demo.demo)
 app.add_typer(market.replay_app, name="replay")
 app.command("simulate")(market.simulate)

@@ -35,9 +35,16 @@ def start(
         int | None, typer.Option(help="Port (default 9092, RAYFIN_BROKER__PORT).")
     ] = None,
     host: Annotated[str | None, typer.Option(help="Listen address (default 127.0.0.1).")] = None,
+    advertised_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address clients on other machines reach it at (with --host 0.0.0.0); "
+            "default: the host, RAYFIN_BROKER__ADVERTISED_HOST."
+        ),
+    ] = None,
 ) -> None:
     """Start the broker in the background and wait until it answers Kafka requests."""
-    broker = _broker(host, port)
+    broker = _broker(host, port, advertised_host)
     status = run_guarded(broker.start)
     console.print(
         f"[green]broker running[/green] on {status.address} (pid {status.pid}); "

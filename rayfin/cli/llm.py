@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Column, Table
 
+from rayfin.cli.cluster import join_ray
 from rayfin.cli.console import console, err_console, fail, run_guarded
 
 if TYPE_CHECKING:
@@ -43,45 +44,9 @@ class Compression(StrEnum):
     blockwise8 = "blockwise8"
 
 
-def _connect(*, start_local: bool) -> str:
-    """Join the Ray cluster at the ``ray.address`` setting and return its GCS address.
-
-    With no address configured, ``start_local`` starts a Ray instance in this process;
-    otherwise the cluster running on this machine is looked up (``auto``).
-    """
-    import socket
-
-    import ray
-
-    from rayfin.cluster import connect_ray
-    from rayfin.config import get_settings
-
-    if ray.is_initialized():  # invoked in a process that already joined one
-        return ray.get_runtime_context().gcs_address
-    settings = run_guarded(get_settings).ray
-    address = settings.address or (None if start_local else "auto")
-    hint = "start one with `ray start --head` and set RAYFIN_RAY__ADDRESS=auto"
-    host, _, port = (address or "").rpartition(":")
-    if host and port.isdigit() and "://" not in address:
-        # Ray would retry an unreachable GCS for minutes; say so at once instead.
-        try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError as exc:
-            raise fail(f"no Ray cluster answers at {address} ({exc}); {hint}") from None
-    try:
-        connect_ray(address)
-    except ConnectionError as exc:
-        raise fail(
-            f"cannot join a Ray cluster ({exc}); {hint}. If the cluster uses token "
-            "authentication (on by default once ~/.ray/auth_token exists), set "
-            "RAY_AUTH_MODE=token here too"
-        ) from None
-    return ray.get_runtime_context().gcs_address
-
-
 def _join_swarm(name: str) -> Swarm:
-    """The running swarm ``name``, on the cluster :func:`_connect` finds."""
-    address = _connect(start_local=False)
+    """The running swarm ``name``, on the cluster :func:`~rayfin.cli.cluster.join_ray` finds."""
+    address = join_ray(start_local=False)
     from rayfin.errors import LLMError
     from rayfin.llm.swarm import connect_swarm
 
@@ -119,6 +84,17 @@ def serve(
     ] = Compression.none,
     cache_mb: Annotated[int, typer.Option(min=1, help="KV cache per server, MiB.")] = 1024,
     num_cpus: Annotated[float, typer.Option(min=0.0, help="Ray CPUs reserved per server.")] = 0.5,
+    num_gpus: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="GPUs per server (default: one when the cluster has GPUs now, else none; "
+            "give it when GPU nodes are still to be started by the autoscaler).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1.0, help="Seconds to wait for every server to be ready.")
+    ] = 600.0,
     max_restarts: Annotated[
         int, typer.Option(min=-1, help="Times Ray restarts a crashed server (-1: always).")
     ] = 0,
@@ -154,7 +130,7 @@ def serve(
         )
     if Path(model).expanduser().is_dir():  # servers may not share our working directory
         model = str(Path(model).expanduser().resolve())
-    address = _connect(start_local=True)
+    address = join_ray(start_local=True)
     import ray
 
     from rayfin.llm.swarm import launch_swarm
@@ -176,6 +152,8 @@ def serve(
                 compression=_option(compression),
                 cache_bytes=cache_mb * _MIB,
                 num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                timeout_s=timeout,
                 points_url=points_url
                 or (run_guarded(get_settings).database.points_url if points else None),
                 operator=operator,

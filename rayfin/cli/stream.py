@@ -38,11 +38,14 @@ def consume(
         KINDS
     ),
     archive: Annotated[
-        str | None, typer.Option(help="Parquet archive, a path or s3:// URI [stream.archive].")
+        str | None,
+        typer.Option(help="Parquet archive, a path or s3:// URI (default: stream.archive)."),
     ] = None,
-    group: Annotated[str | None, typer.Option(help="Consumer group id [stream.group_id].")] = None,
+    group: Annotated[
+        str | None, typer.Option(help="Consumer group id (default: stream.group_id).")
+    ] = None,
     topic_prefix: Annotated[
-        str | None, typer.Option(help="Prefix of the topic names [stream.topic_prefix].")
+        str | None, typer.Option(help="Prefix of the topic names (default: stream.topic_prefix).")
     ] = None,
     seconds: Annotated[
         float | None, typer.Option(min=0.0, help="Stop after this many seconds.")
@@ -56,7 +59,7 @@ def consume(
     threshold: ThresholdOption = 0.7,
     default_tick_size: TickSizeOption = None,
     ledger: Annotated[
-        str | None, typer.Option(help="Trading ledger database URL [database.url].")
+        str | None, typer.Option(help="Trading ledger database URL (default: database.url).")
     ] = None,
     sentiment: Annotated[
         str,
@@ -76,7 +79,8 @@ def consume(
         ),
     ] = None,
     adapter_hub: Annotated[
-        str | None, typer.Option(help="Adapter hub path or s3:// URI [state dir/adapters].")
+        str | None,
+        typer.Option(help="Adapter hub path or s3:// URI (default: state dir/adapters)."),
     ] = None,
 ) -> None:
     """Compute live features from the market topics into the Parquet archive.
@@ -111,19 +115,27 @@ def consume(
         raise typer.BadParameter("--sentiment scores the news topic: add news to --kinds")
     loaded = load_model(model, registry) if trade else None
     started_ray = run_guarded(ensure_ray)
+    import signal
+
     import ray
 
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a service manager's stop: flush and commit, as Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         trader = None
         if loaded is not None:
-            from rayfin.actors.trader import launch_trader
+            from rayfin.actors.trader import TRADER_ACTOR, launch_trader
 
             trader = run_guarded(
                 launch_trader,
                 loaded,
                 trading_config(threshold, default_tick_size),
-                ledger,
+                # Resolved here: the actor may run on a node with settings of its own.
+                ledger or settings.database.url,
                 num_cpus=num_cpus,
+                actor_name=TRADER_ACTOR,
             )
             console.print(f"trading with {loaded!r} into {ray.get(trader.ledger_url.remote())}")
         options: dict[str, Any] = {}
@@ -144,6 +156,7 @@ def consume(
             prefix=config.group_id,
             trader=trader,
             scorer=scorer,
+            named=True,  # the HTTP API's /v1/pipeline and dashboard find them by name
         )
         stopped_by = _watch(members, seconds, trader)
         final = [ray.get(m.stop.remote()) for m in members]

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader
+from pydantic import BeforeValidator
 
 from rayfin import __version__
 from rayfin.config import ApiKey, Settings, get_settings
@@ -33,7 +34,8 @@ from rayfin.serve.auth import KEY_HEADER, Caller, KeyRing, RateLimiter, Role, di
 from rayfin.serve.llm import LLMOptions
 from rayfin.serve.metrics import ApiMetrics, RequestMetrics, cluster_metrics
 from rayfin.serve.pipeline import pipeline_stats
-from rayfin.serve.problems import ApiError, install
+from rayfin.serve.problems import ApiError, error_response, install
+from rayfin.serve.schemas import check_event_time, iso_text
 from rayfin.serve.scoring import LiveModel, Scorer
 from rayfin.serve.views import LedgerViews
 
@@ -58,6 +60,7 @@ class ApiOptions:
     model_refresh_s: float = 2.0
     llm: LLMOptions | None = None
     replicas: int = 1
+    llm_replicas: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> ApiOptions:
@@ -74,15 +77,16 @@ class ApiOptions:
             )
             for k in serve.api_keys
         )
+        trading = settings.trading
         assert settings.database.url is not None
-        assert serve.registry is not None
+        assert trading.registry is not None
         assert serve.llm is not None
         options = cls(
             keys=keys,
             ledger_url=settings.database.url,
-            registry=serve.registry,
-            model=serve.model,
-            threshold=serve.threshold,
+            registry=trading.registry,
+            model=trading.model,
+            threshold=trading.threshold,
             rate_limit_per_s=serve.rate_limit_per_s,
             rate_limit_burst=serve.rate_limit_burst,
             max_body_bytes=serve.max_body_bytes,
@@ -95,6 +99,7 @@ class ApiOptions:
                 max_new_tokens=serve.max_new_tokens,
             ),
             replicas=serve.replicas,
+            llm_replicas=serve.llm_replicas,
         )
         return replace(options, **overrides)
 
@@ -195,52 +200,62 @@ Svc = Annotated[Services, Depends(_services)]
 
 
 class BodyLimit:
-    """ASGI middleware refusing bodies over the limit with 413, by ``Content-Length`` or,
-    for a chunked body, as soon as the bytes received pass it: nothing big is buffered."""
+    """ASGI middleware refusing bodies over the limit with 413: by ``Content-Length`` before
+    reading a byte, or, for a chunked body, as soon as the bytes received pass the limit
+    (such a body is read here, at most the limit's worth, and handed on whole)."""
 
-    def __init__(self, app: Any, options: ApiOptions, metrics: ApiMetrics | None) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.options = options
-        self.metrics = metrics
-
-    def _limit(self, scope: dict[str, Any]) -> int:
-        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/models":
-            return self.options.max_upload_bytes
-        return self.options.max_body_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self._limit(scope)
+        services: Services = scope["app"].state.services
+        options = services.options
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/models"
+        limit = options.max_upload_bytes if upload else options.max_body_bytes
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await self._refuse(scope, receive, send, limit)
+        if length is not None:
+            # The HTTP server delivers no more than Content-Length bytes.
+            if not length.isdigit() or int(length) > limit:
+                await _too_large(services, limit)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
-        received = 0
-
-        async def counted() -> dict[str, Any]:
-            nonlocal received
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise self._too_large(limit)
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _too_large(services, limit)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
 
-        await self.app(scope, counted, send)
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-    def _too_large(self, limit: int) -> ApiError:
-        if self.metrics:
-            self.metrics.refuse("too_large")
-        return ApiError(413, "too_large", f"the request body is over the limit of {limit:,} bytes")
+        await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any, limit: int) -> None:
-        from rayfin.serve.problems import error_response
 
-        error = self._too_large(limit)
-        response = error_response(error.status, error.code, error.message)
-        await response(scope, receive, send)
+def _too_large(services: Services, limit: int) -> Any:
+    if services.metrics:
+        services.metrics.refuse("too_large")
+    return error_response(
+        413, "too_large", f"the request body is over the limit of {limit:,} bytes"
+    )
 
 
 # --- the app --------------------------------------------------------------------------------
@@ -253,12 +268,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 TRADE_ERRORS = {**ERRORS, 403: {"model": s.ErrorBody, "description": "Needs a trade key"}}
 UNAVAILABLE = {503: {"model": s.ErrorBody, "description": "A part is not running yet"}}
+NOT_FOUND = {404: {"model": s.ErrorBody, "description": "No such model or version"}}
 
 SymbolQuery = Annotated[
     str | None, Query(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._:/-]+$")
 ]
-StartQuery = Annotated[dt.datetime | None, Query(description="from this time (ISO 8601, aware)")]
-EndQuery = Annotated[dt.datetime | None, Query(description="before this time (ISO 8601, aware)")]
+StartQuery = Annotated[
+    dt.datetime | None,
+    Query(description="from this time (ISO 8601, aware)"),
+    BeforeValidator(iso_text),
+]
+EndQuery = Annotated[
+    dt.datetime | None,
+    Query(description="before this time (ISO 8601, aware)"),
+    BeforeValidator(iso_text),
+]
 LimitQuery = Annotated[int, Query(ge=1, le=s.MAX_PAGE)]
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1)]
 OrderQuery = Annotated[Literal["asc", "desc"], Query(description="oldest or newest first")]
@@ -266,17 +290,27 @@ ModelName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^
 
 
 def _aware(value: dt.datetime | None, name: str) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:
+    """``value`` if it is timezone-aware and within the ledger's clock (int64 ns)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         raise ApiError(
             422, "validation_error", f"query.{name}: give a timezone (e.g. 2013-09-03T14:30:00Z)"
         )
-    return value
+    try:
+        return check_event_time(value, f"query.{name}")
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", str(exc)) from None
 
 
-def create_api(services: Services) -> FastAPI:
-    """The rayfin HTTP API over ``services``."""
+def create_api(services: Services | None) -> FastAPI:
+    """The rayfin HTTP API over ``services`` (None: an app only to describe the API, for
+    its OpenAPI spec)."""
     app = FastAPI(
         title="rayfin",
+        # Operation ids are the route names (score, decisions, promote...): what generated
+        # clients call their methods.
+        generate_unique_id_function=lambda route: route.name,
         version=__version__,
         summary="Market decisions, trading state and the distributed LLM over HTTP.",
         description=(
@@ -293,8 +327,8 @@ def create_api(services: Services) -> FastAPI:
     )
     app.state.services = services
     install(app)
-    app.add_middleware(BodyLimit, options=services.options, metrics=services.metrics)
-    app.add_middleware(RequestMetrics, metrics=services.metrics)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(RequestMetrics)
 
     # -- trading -----------------------------------------------------------------------------
 
@@ -361,7 +395,7 @@ def create_api(services: Services) -> FastAPI:
 
     # -- models ------------------------------------------------------------------------------
 
-    @app.get("/v1/models", tags=["models"], responses=ERRORS)
+    @app.get("/v1/models", tags=["models"], responses={**ERRORS, **NOT_FOUND})
     def models(svc: Svc, _: Reader, name: ModelName = None) -> s.ModelList:
         """Every registered version of the model, and which one is in production."""
         return _model_list(svc, name or svc.options.model)
@@ -369,7 +403,7 @@ def create_api(services: Services) -> FastAPI:
     @app.post(
         "/v1/models/{version}/promote",
         tags=["models"],
-        responses={**TRADE_ERRORS, 404: {"model": s.ErrorBody, "description": "No such version"}},
+        responses={**TRADE_ERRORS, **NOT_FOUND},
     )
     def promote(
         svc: Svc,
@@ -443,6 +477,11 @@ def create_api(services: Services) -> FastAPI:
         return RedirectResponse("/dashboard")
 
     return app
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The API's OpenAPI document, without running anything."""
+    return create_api(None).openapi()
 
 
 def _llm(svc: Services) -> Any:

@@ -48,7 +48,6 @@ class Resources:
 
     ingress_cpus: float = 0.1
     llm_cpus: float = 0.5
-    llm_replicas: int = 1
     max_ongoing_requests: int = 64
 
 
@@ -68,7 +67,7 @@ def build_app(options: ApiOptions, resources: Resources | None = None) -> Any:
             serve.deployment(LLMService)
             .options(
                 name=LLM_DEPLOYMENT,
-                num_replicas=resources.llm_replicas,
+                num_replicas=options.llm_replicas,
                 max_ongoing_requests=resources.max_ongoing_requests,
                 ray_actor_options={"num_cpus": resources.llm_cpus, "resources": where},
             )

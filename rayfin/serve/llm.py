@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rayfin.errors import PromptTooLongError, SwarmUnavailableError
 from rayfin.serve.schemas import (
+    DEFAULT_NEW_TOKENS,
     GenerateRequest,
     GenerateResult,
     SentimentResult,
@@ -109,10 +110,9 @@ class LLMService:
         import torch
 
         options = self.options
-        if request.max_new_tokens > options.max_new_tokens:
-            raise PromptTooLongError(
-                request.max_new_tokens, options.max_new_tokens, "max_new_tokens"
-            )
+        new_tokens = request.max_new_tokens or min(DEFAULT_NEW_TOKENS, options.max_new_tokens)
+        if new_tokens > options.max_new_tokens:
+            raise PromptTooLongError(new_tokens, options.max_new_tokens, "max_new_tokens")
         client = self.client()
         tokenizer = client.tokenizer
         if request.chat and getattr(tokenizer, "chat_template", None):
@@ -124,14 +124,14 @@ class LLMService:
         prompt_tokens = int(ids.shape[1])
         if prompt_tokens > options.max_prompt_tokens:
             raise PromptTooLongError(prompt_tokens, options.max_prompt_tokens)
-        room = client.shape.max_length - request.max_new_tokens
+        room = client.shape.max_length - new_tokens
         if prompt_tokens > room:
             raise PromptTooLongError(prompt_tokens, room, "prompt plus max_new_tokens")
         start = time.perf_counter()
         with torch.no_grad():
             out = client.generate(
                 ids,
-                max_new_tokens=request.max_new_tokens,
+                max_new_tokens=new_tokens,
                 do_sample=request.temperature > 0,
                 temperature=request.temperature or 1.0,
                 top_p=request.top_p,

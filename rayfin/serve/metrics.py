@@ -112,15 +112,18 @@ ASGIApp = Callable[
 
 
 class RequestMetrics:
-    """ASGI middleware recording each HTTP request in :class:`ApiMetrics` by its route
-    template (``/v1/models/{version}/promote``), never its raw path (unbounded labels)."""
+    """ASGI middleware recording each HTTP request in the app's :class:`ApiMetrics` by its
+    route template (``/v1/models/{version}/promote``), never its raw path (unbounded
+    labels)."""
 
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics | None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.metrics is None:
+        metrics: ApiMetrics | None = None
+        if scope["type"] == "http":
+            metrics = scope["app"].state.services.metrics
+        if metrics is None:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
@@ -136,7 +139,7 @@ class RequestMetrics:
             await self.app(scope, receive, observe)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.inc(
+            metrics.requests.inc(
                 1, tags={"route": route, "method": scope["method"], "status": str(status)}
             )
-            self.metrics.latency.observe(time.perf_counter() - start, tags={"route": route})
+            metrics.latency.observe(time.perf_counter() - start, tags={"route": route})

@@ -21,6 +21,7 @@ MAX_SCORE_ROWS = 1000
 """Most rows one batch score request takes."""
 MAX_HEADLINES = 64
 MAX_HEADLINE_CHARS = 512
+DEFAULT_NEW_TOKENS = 64
 MAX_FEATURES = 256
 """Most feature columns one row may carry (a model uses a few dozen)."""
 
@@ -30,6 +31,32 @@ Symbol = Annotated[
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+EARLIEST = dt.datetime(1678, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(2262, 1, 1, tzinfo=dt.UTC)
+"""Event times are int64 nanoseconds since the epoch: this is the span they can hold."""
+
+
+def check_event_time(value: dt.datetime, what: str) -> dt.datetime:
+    """``value`` if the ledger's int64-nanosecond clock can hold it, else a ValueError."""
+    if not EARLIEST <= value < LATEST:
+        raise ValueError(f"{what} must be between {EARLIEST:%Y} and {LATEST:%Y}")
+    return value
+
+
+def iso_text(value: object) -> object:
+    """A date-time given as ISO 8601 text, not as a number of seconds, which pydantic would
+    otherwise read as a Unix time (and "0.5" looks like one too)."""
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("give the time as ISO 8601 text, e.g. 2013-09-03T14:30:00Z")
+    try:
+        float(value)
+    except ValueError:
+        return value
+    raise ValueError("give the time as ISO 8601 text, e.g. 2013-09-03T14:30:00Z")
+
+
 def _finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number")
@@ -37,8 +64,9 @@ def _finite(value: float, what: str) -> float:
 
 
 class _Body(BaseModel):
-    # Unknown fields are errors: a misspelt option must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are errors: a misspelt option must not be silently ignored. Strict:
+    # false is not a position and "1" is not a price (JSON's ints still pass as floats).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Out(BaseModel):
@@ -66,18 +94,56 @@ class ErrorBody(_Out):
 # --- scoring --------------------------------------------------------------------------------
 
 
+_ES_FEATURES = {
+    "count_10s": 10.0, "count_60s": 16.0, "ema_100t": 1640.834915, "ema_20t": 1640.89957,
+    "ret_1": 0.0, "ret_100": 0.000152, "ret_20": 0.000152, "rsi_14": 71.862998, "size": 2.0,
+    "sma_100t": 1640.78, "sma_10s": 1641.0, "sma_20t": 1640.85, "sma_60s": 1640.890625,
+    "tumble_100t_count": 100.0, "tumble_100t_sma": 1640.78, "tumble_100t_vol": 5.5e-05,
+    "tumble_100t_volume": 419.0, "tumble_100t_vwap": 1640.765513, "tumble_10s_count": 10.0,
+    "tumble_10s_sma": 1641.0, "tumble_10s_vol": 4.8e-05, "tumble_10s_volume": 13.0,
+    "tumble_10s_vwap": 1641.0, "tumble_20t_count": 20.0, "tumble_20t_sma": 1640.85,
+    "tumble_20t_vol": 6e-05, "tumble_20t_volume": 59.0, "tumble_20t_vwap": 1640.79661,
+    "tumble_60s_count": 16.0, "tumble_60s_sma": 1640.890625, "tumble_60s_vol": 5.2e-05,
+    "tumble_60s_volume": 53.0, "tumble_60s_vwap": 1640.806604, "vol_100t": 5.5e-05,
+    "vol_10s": 4.8e-05, "vol_20t": 6e-05, "vol_60s": 5.2e-05, "volume_100t": 419.0,
+    "volume_10s": 13.0, "volume_20t": 59.0, "volume_60s": 53.0, "vwap_100t": 1640.765513,
+    "vwap_10s": 1641.0, "vwap_20t": 1640.79661, "vwap_60s": 1640.806604,
+}  # fmt: skip
+"""The engine's features of the 5,000th bundled ES tick (2013-09-02 00:17:57 UTC)."""
+
+
 class ScoreRow(_Body):
     """One tick's engine features, as the live pipeline computes them."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "ES",
+                    "price": 1641.0,
+                    "ts": "2013-09-02T00:17:57.413Z",
+                    "features": _ES_FEATURES,
+                    "sentiment": 0.2,
+                    "position": 0,
+                }
+            ]
+        },
+    )
 
     symbol: Symbol
     price: float = Field(gt=0, description="the tick's trade price", examples=[1640.25])
     ts: AwareDatetime | None = Field(
-        None, description="the tick's event time; default now", examples=["2013-09-03T14:30:00Z"]
+        None,
+        strict=False,  # ISO 8601 text is how JSON carries a time
+        description="the tick's event time; default now",
+        examples=["2013-09-03T14:30:00Z"],
     )
-    features: dict[Annotated[str, Field(max_length=64)], float] = Field(
+    features: dict[Annotated[str, Field(max_length=64)], float | None] = Field(
         max_length=MAX_FEATURES,
-        description="feature columns by name (rayfin.features.spec); missing ones the model "
-        "needs are reported by name",
+        description="feature columns by name (rayfin.features.spec); null where a window is "
+        "not warm yet (the model treats it as missing); absent ones the model needs are "
+        "reported by name",
         examples=[{"sma_20": 1640.1, "ret_1": 0.0002, "vol_100": 0.0004}],
     )
     sentiment: float | None = Field(
@@ -95,11 +161,19 @@ class ScoreRow(_Body):
     def _price(cls, value: float) -> float:
         return _finite(value, "price")
 
+    _ts_text = field_validator("ts", mode="before")(iso_text)
+
+    @field_validator("ts")
+    @classmethod
+    def _ts(cls, value: dt.datetime | None) -> dt.datetime | None:
+        return None if value is None else check_event_time(value, "ts")
+
     @field_validator("features")
     @classmethod
-    def _features(cls, values: dict[str, float]) -> dict[str, float]:
+    def _features(cls, values: dict[str, float | None]) -> dict[str, float | None]:
         for name, value in values.items():
-            _finite(value, f"features.{name}")
+            if value is not None:
+                _finite(value, f"features.{name}")
         return values
 
 
@@ -294,7 +368,13 @@ class GenerateRequest(_Body):
     prompt: str = Field(
         min_length=1, max_length=64 * 1024, examples=["What is a futures contract?"]
     )
-    max_new_tokens: int = Field(64, ge=1, le=4096, description="capped by the server's limit")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description=f"tokens to generate at most; default {DEFAULT_NEW_TOKENS} or the server's "
+        "limit if lower (more than the limit: 413)",
+    )
     chat: bool = Field(True, description="wrap the prompt in the model's chat template")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)

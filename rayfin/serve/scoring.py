@@ -172,11 +172,11 @@ def _columns(rows: Sequence[ScoreRow], model: Model) -> dict[str, np.ndarray]:
     for name in needed:
         values = np.empty(len(rows), dtype=np.float64)
         for i, row in enumerate(rows):
-            value = row.features.get(name)
-            if value is None:
+            if name not in row.features:
                 missing.setdefault(name, []).append(i)
                 continue
-            values[i] = value
+            value = row.features[name]
+            values[i] = np.nan if value is None else value
         columns[name] = values
     if missing:
         if len(rows) == 1:

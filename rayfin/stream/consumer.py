@@ -497,6 +497,7 @@ class StreamConsumer:
                 )
                 for tp, records in batches.items():
                     pipeline.process(tp.topic, tp.partition, records)
+                self.metrics.tick()  # records per second, 0 on an idle poll
                 if self.trader is not None:
                     await self._trade(pipeline.take_emitted())
                 if self._writing is not None and self._writing.done():
@@ -507,6 +508,7 @@ class StreamConsumer:
                         self._write(pipeline.cut())
                     )
         finally:
+            self.metrics.idle()
             await self._settle()
             await self._write(pipeline.cut())
             await consumer.stop()

@@ -3,10 +3,15 @@
 Each consumer keeps its own exact figures (for ``stats()`` and benchmarks) and, when it
 runs inside Ray, mirrors them to ``ray.util.metrics``, which Ray exports as
 ``ray_rayfin_stream_*`` on every node's metrics endpoint.
+
+Records per second are counted over windows of about a second (:data:`RATE_WINDOW_S`):
+the consumer calls :meth:`StreamMetrics.tick` on every poll, which closes the window once
+it is that old, so an idle topic drops to 0 within a poll of the window's end.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -16,6 +21,8 @@ import numpy as np
 LATENCY_BUCKETS_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]
 # Latencies kept for exact percentiles: the most recent ones.
 _KEEP = 1_000_000
+# Records per second are measured over windows at least this long.
+RATE_WINDOW_S = 1.0
 
 
 class StreamMetrics:
@@ -29,12 +36,41 @@ class StreamMetrics:
         self.lag: dict[tuple[str, int], int] = {}
         self._latency = np.empty(_KEEP, dtype=np.float64)
         self._latency_count = 0
+        # Records read per topic in the current rate window, and the rates of the last one.
+        self.records_per_second: dict[str, float] = {}
+        self._window: Counter[str] = Counter()
+        self._window_start = time.monotonic()
         self._ray = _RayMetrics() if _in_ray() else None
 
     def record_in(self, topic: str, n: int) -> None:
         self.records_in[topic] += n
+        self._window[topic] += n
         if self._ray and n:
             self._ray.records_in.inc(n, tags={"topic": topic, "consumer": self.consumer})
+
+    def tick(self, now: float | None = None) -> None:
+        """Close the rate window once it is :data:`RATE_WINDOW_S` old: every topic read so
+        far gets its records per second over it (0 when idle). Cheap: call it every poll."""
+        now = time.monotonic() if now is None else now
+        elapsed = now - self._window_start
+        if elapsed < RATE_WINDOW_S:
+            return
+        for topic in self.records_in:
+            self._set_rate(topic, self._window[topic] / elapsed)
+        self._window.clear()
+        self._window_start = now
+
+    def idle(self) -> None:
+        """No more records (the consumer stopped): every topic's rate is 0 from now on."""
+        for topic in self.records_in:
+            self._set_rate(topic, 0.0)
+        self._window.clear()
+        self._window_start = time.monotonic()
+
+    def _set_rate(self, topic: str, rate: float) -> None:
+        self.records_per_second[topic] = round(rate, 1)
+        if self._ray:
+            self._ray.rate.set(rate, tags={"topic": topic, "consumer": self.consumer})
 
     def feature_rows(self, table: str, n: int) -> None:
         self.features_out[table] += n
@@ -92,6 +128,7 @@ class StreamMetrics:
             "dead_letters": {f"{t}/{r}": n for (t, r), n in self.dead_letters.items()},
             "lag": {f"{t}/{p}": n for (t, p), n in self.lag.items()},
             "latency_ms": self.latency_percentiles(),
+            "records_per_second": dict(self.records_per_second),
         }
 
 
@@ -110,6 +147,12 @@ class _RayMetrics:
         self.records_in = metrics.Counter(
             "rayfin_stream_records_consumed",
             description="Records read from Kafka by rayfin stream consumers.",
+            tag_keys=("topic", "consumer"),
+        )
+        self.rate = metrics.Gauge(
+            "rayfin_stream_records_per_second",
+            description="Records per second read from Kafka by a consumer, over its last "
+            "window of about a second (0 when idle or stopped).",
             tag_keys=("topic", "consumer"),
         )
         self.features_out = metrics.Counter(

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rayfin.stream.producer import BatchProducer
-from rayfin.stream.schemas import TICKS_TOPIC, Tick, encode_tick
+from rayfin.stream.producer import BatchProducer, SendStats
+from rayfin.stream.schemas import NEWS_TOPIC, TICKS_TOPIC, News, Tick, encode, encode_tick, key_for
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,44 @@ async def replay_ticks(
         await producer.flush()
     stats = producer.stats()
     return ReplayStats(stats.counts.get(topic, 0), stats.seconds, topic)
+
+
+async def replay_market(
+    bootstrap_servers: str,
+    ticks: list[Tick],
+    news: list[News],
+    *,
+    rate: float | None = None,
+    topic_prefix: str = "",
+    stop: asyncio.Event | None = None,
+    sent: list[int] | None = None,
+) -> SendStats:
+    """Send ``ticks`` and ``news`` merged in event-time order to the ticks and news topics
+    (after ``topic_prefix``), at ``rate`` messages/s (None: as fast as Kafka takes them).
+    ``sent[0]`` counts the messages handed to the producer so far, for progress displays;
+    setting ``stop`` ends the replay early, after delivering what was sent."""
+    import heapq
+
+    merged = heapq.merge(
+        ((t.ts, 0, i) for i, t in enumerate(ticks)),
+        ((n.ts, 1, i) for i, n in enumerate(news)),
+    )
+    async with BatchProducer(bootstrap_servers, rate=rate) as producer:
+        for count, (_, kind, i) in enumerate(merged, 1):
+            if stop is not None and stop.is_set():
+                break
+            if kind == 0:
+                tick = ticks[i]
+                await producer.send(
+                    topic_prefix + TICKS_TOPIC, encode_tick(tick), tick.symbol.encode()
+                )
+            else:
+                story = news[i]
+                await producer.send(topic_prefix + NEWS_TOPIC, encode(story), key_for(story))
+            if sent is not None:
+                sent[0] = count
+        await producer.flush()
+    return producer.stats()
 
 
 def _due_times(ts_ns: list[int], speed: float | None, max_gap_s: float | None) -> np.ndarray | None:

@@ -75,6 +75,63 @@ _HEADLINES: dict[str, tuple[str, ...]] = {
 }
 
 
+_MARKET_HEADLINES: dict[str, tuple[str, ...]] = {
+    "positive": (
+        "Stocks rally as inflation cools more than expected",
+        "Fed signals patience on rates, lifting {a}",
+        "Strong retail sales ease recession fears; {a} climbs",
+        "Tech earnings beat estimates across the board, {a} gains",
+        "Jobless claims fall to a five-year low",
+        "Manufacturing index rebounds sharply, beating forecasts",
+    ),
+    "negative": (
+        "Stocks slide as bond yields jump to a two-year high",
+        "Fed hints at faster tapering; {a} drops",
+        "Weak payrolls report stokes growth worries; {a} falls",
+        "Oil spike on Middle East tensions weighs on {a}",
+        "Manufacturing contracts for a third month",
+        "Consumer confidence slumps to its lowest in a year",
+    ),
+    "neutral": (
+        "Fed minutes due on Wednesday afternoon",
+        "Treasury to auction 10-year notes this week",
+        "{a} volume thin ahead of the holiday weekend",
+        "Exchange updates margin requirements for {a}",
+        "Markets await Friday's employment report",
+    ),
+}
+
+
+def market_news(
+    symbol: str,
+    start_ns: int,
+    end_ns: int,
+    *,
+    every_s: float = 600.0,
+    seed: int = 0,
+    source: str = "rayfin-sim",
+) -> list[tuple[News, str]]:
+    """Simulated market-wide headlines about ``symbol`` (an index future), a Poisson
+    stream of one per ``every_s`` seconds on average between the two event times, each
+    with its true tone (positive, negative, neutral): news to replay beside real ticks,
+    which carry none."""
+    if every_s <= 0:
+        raise ValueError(f"every_s must be > 0, got {every_s}")
+    rng = random.Random(seed)
+    out: list[tuple[News, str]] = []
+    ts = start_ns
+    while True:
+        ts += max(1, round(rng.expovariate(1.0 / every_s) * 1e9))
+        if ts >= end_ns:
+            return out
+        tone = rng.choices(TONES, weights=(0.35, 0.35, 0.30))[0]
+        headline = rng.choice(_MARKET_HEADLINES[tone]).format(a=f"{symbol} futures")
+        story = News(
+            ts=ts, headline=headline, symbols=[symbol], source=source, id=f"{source}-{seed}-{ts}"
+        )
+        out.append((story, tone))
+
+
 class SimEvent(NamedTuple):
     """One simulated event: the topic, the message, and (news only) its true tone."""
 

@@ -37,6 +37,7 @@ from rayfin.features.sentiment import DEFAULT_HALF_LIFE_S, sentiment_series
 from rayfin.trading.engine import Trader, TradingConfig, TradingEngine
 from rayfin.trading.inputs import SENTIMENT
 from rayfin.trading.ledger import DECISION_COLUMNS, decision_row, fill_row
+from rayfin.trading.plots import plot_trading, times
 
 if TYPE_CHECKING:
     from rayfin.trading.ledger import Ledger
@@ -63,43 +64,12 @@ class BacktestResult:
 
     def plot(self, path: str | Path) -> Path:
         """Write a PNG: price with the fills on top, the equity curve below."""
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display on servers and in CI
-        import matplotlib.pyplot as plt
-
-        path = Path(path)
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
-        prices = self.prices
-        top.plot(_times(prices["ts"]), prices["price"], lw=0.6, color="0.35", label="price")
-        for side, marker, color in ((1, "^", "tab:green"), (-1, "v", "tab:red")):
-            fills = self.trades[self.trades["side"] == side] if len(self.trades) else self.trades
-            if len(fills):
-                label = "buy" if side == 1 else "sell"
-                top.scatter(
-                    _times(fills["ts"]),
-                    fills["price"],
-                    marker=marker,
-                    s=18,
-                    color=color,
-                    label=label,
-                    zorder=3,
-                )
-        top.set_ylabel("price")
-        top.legend(loc="upper left", fontsize=8)
         m = self.metrics
-        top.set_title(
+        title = (
             f"net P&L {m['net_pnl']:,.0f}   Sharpe {m['sharpe']:.2f}   "
             f"max drawdown {m['max_drawdown']:.2%}   trades {int(m['fills'])}"
         )
-        bottom.plot(_times(self.equity["ts"]), self.equity["equity"], lw=0.8, color="tab:blue")
-        bottom.set_ylabel("equity")
-        fig.autofmt_xdate()
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return plot_trading(path, self.prices, self.trades, self.equity, title)
 
     def to_dict(self) -> dict[str, Any]:
         """Metrics and outcomes, JSON-safe (NaN as None)."""
@@ -165,10 +135,6 @@ def _is_feature_frame(frame: pd.DataFrame) -> bool:
     return {"partition", "offset", "seq"} <= set(frame.columns)
 
 
-def _times(ns: pd.Series) -> pd.Series:
-    return pd.to_datetime(ns.to_numpy(np.int64), unit="ns", utc=True)
-
-
 def _metrics(
     engine: TradingEngine, trades: pd.DataFrame, equity: pd.DataFrame, fills: list[Any]
 ) -> dict[str, float]:
@@ -197,7 +163,7 @@ def _metrics(
 def _sharpe(equity: pd.DataFrame) -> float:
     if equity.empty:
         return math.nan
-    series = pd.Series(equity["equity"].to_numpy(), index=_times(equity["ts"]))
+    series = pd.Series(equity["equity"].to_numpy(), index=times(equity["ts"]))
     minutes = series.resample("1min").last().dropna()
     returns = minutes.pct_change().dropna()
     if len(returns) < 2 or returns.std(ddof=1) == 0:

@@ -133,7 +133,7 @@ def check_model_name(name: str) -> str:
 class ModelRegistry(VersionedStore):
     """Versions and aliases of market models under ``root`` (see the module docstring).
 
-    ``root`` defaults to ``<state_dir>/models`` from :func:`rayfin.config.get_settings`.
+    ``root`` defaults to the ``trading.registry`` setting (``<state_dir>/models``).
     """
 
     commit_file = METADATA_FILE
@@ -146,7 +146,8 @@ class ModelRegistry(VersionedStore):
         if root is None:
             from rayfin.config import get_settings
 
-            root = get_settings().state_dir / "models"
+            root = get_settings().trading.registry
+            assert root is not None  # Settings always derives one
         super().__init__(root)
 
     # -- reading -------------------------------------------------------------------------
