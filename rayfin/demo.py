@@ -634,4 +634,5 @@ def run_demo(options: DemoOptions | None = None, *, console: Console | None = No
             console.print("serving until Ctrl-C")
             while True:
                 time.sleep(3600)
+        console.print("shutting down; `rayfin demo --serve-forever` keeps the API up")
     return report

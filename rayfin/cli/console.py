@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import typer
@@ -31,3 +33,18 @@ def run_guarded(func: Callable[..., T], *args: object, **kwargs: object) -> T:
         raise fail(str(exc)) from None
     except ValidationError as exc:
         raise fail(f"invalid configuration:\n{exc}") from None
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within the block, SIGTERM (a service manager's stop) raises KeyboardInterrupt, so
+    a long-running command stops the way Ctrl-C stops it: cleanly."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Column, Table
 
 from rayfin.cli.cluster import join_ray
-from rayfin.cli.console import console, err_console, fail, run_guarded
+from rayfin.cli.console import console, err_console, fail, run_guarded, sigterm_as_ctrl_c
 
 if TYPE_CHECKING:
     from rayfin.llm.server_info import ServerInfo
@@ -118,7 +118,6 @@ def serve(
     ] = None,
 ) -> None:
     """Start a swarm serving MODEL; in the foreground until Ctrl-C, or --detach."""
-    import signal
     import time
 
     from rayfin.config import get_settings
@@ -135,74 +134,70 @@ def serve(
 
     from rayfin.llm.swarm import launch_swarm
 
-    def stop_on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        with console.status(f"starting {stages * replicas} server(s) for {model}..."):
-            swarm = run_guarded(
-                launch_swarm,
-                model,
-                name=name,
-                num_stages=stages,
-                replicas=replicas,
-                dtype=dtype.value,
-                quantization=_option(quantization),
-                compression=_option(compression),
-                cache_bytes=cache_mb * _MIB,
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                timeout_s=timeout,
-                points_url=points_url
-                or (run_guarded(get_settings).database.points_url if points else None),
-                operator=operator,
-                max_restarts=max_restarts,
-                detached=detach,
-            )
-    except KeyboardInterrupt:
-        err_console.print("interrupted while starting; stopping")
-        ray.shutdown()
-        raise typer.Exit(130) from None
-
-    table = Table("server", "blocks", "device", "weights MiB", "cache free MiB")
-    for info in swarm.status():
-        if info is not None:
-            table.add_row(
-                info.server_id,
-                f"[{info.start}, {info.end})",
-                info.device,
-                _mib(info.weight_bytes),
-                _mib(info.cache_free_bytes),
-            )
-    console.print(f"[green]swarm {name!r}[/green] serving {model} on Ray at {address}")
-    console.print(table)
-    flag = "" if name == "default" else f" --name {name}"
-    console.print(
-        f'generate:  rayfin llm generate "Hello"{flag}\n'
-        f"status:    rayfin llm status{flag}\n"
-        f"Ray:       {address} (elsewhere, or if several Ray instances run here, "
-        f"set RAYFIN_RAY__ADDRESS={address})",
-        highlight=False,
-        markup=False,
-    )
-    if detach:
-        console.print(f"detached; stop it with: rayfin llm stop{flag}", highlight=False)
-        ray.shutdown()
-        return
-    console.print("serving; press Ctrl-C to stop")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        console.print(f"stopping swarm {name!r}")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with sigterm_as_ctrl_c():
         try:
-            swarm.shutdown()
-        finally:
+            with console.status(f"starting {stages * replicas} server(s) for {model}..."):
+                swarm = run_guarded(
+                    launch_swarm,
+                    model,
+                    name=name,
+                    num_stages=stages,
+                    replicas=replicas,
+                    dtype=dtype.value,
+                    quantization=_option(quantization),
+                    compression=_option(compression),
+                    cache_bytes=cache_mb * _MIB,
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    timeout_s=timeout,
+                    points_url=points_url
+                    or (run_guarded(get_settings).database.points_url if points else None),
+                    operator=operator,
+                    max_restarts=max_restarts,
+                    detached=detach,
+                )
+        except KeyboardInterrupt:
+            err_console.print("interrupted while starting; stopping")
             ray.shutdown()
-    console.print("stopped")
+            raise typer.Exit(130) from None
+
+        table = Table("server", "blocks", "device", "weights MiB", "cache free MiB")
+        for info in swarm.status():
+            if info is not None:
+                table.add_row(
+                    info.server_id,
+                    f"[{info.start}, {info.end})",
+                    info.device,
+                    _mib(info.weight_bytes),
+                    _mib(info.cache_free_bytes),
+                )
+        console.print(f"[green]swarm {name!r}[/green] serving {model} on Ray at {address}")
+        console.print(table)
+        flag = "" if name == "default" else f" --name {name}"
+        console.print(
+            f'generate:  rayfin llm generate "Hello"{flag}\n'
+            f"status:    rayfin llm status{flag}\n"
+            f"Ray:       {address} (elsewhere, or if several Ray instances run here, "
+            f"set RAYFIN_RAY__ADDRESS={address})",
+            highlight=False,
+            markup=False,
+        )
+        if detach:
+            console.print(f"detached; stop it with: rayfin llm stop{flag}", highlight=False)
+            ray.shutdown()
+            return
+        console.print("serving; press Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print(f"stopping swarm {name!r}")
+        finally:
+            try:
+                swarm.shutdown()
+            finally:
+                ray.shutdown()
+        console.print("stopped")
 
 
 def _as_json(server_id: str, info: ServerInfo | None) -> dict[str, Any]:

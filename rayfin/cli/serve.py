@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Annotated
 import typer
 
 from rayfin.cli.cluster import join_ray
-from rayfin.cli.console import console, err_console, fail, run_guarded
+from rayfin.cli.console import console, err_console, fail, run_guarded, sigterm_as_ctrl_c
 
 app = typer.Typer(help="The HTTP API (Ray Serve): start, status, stop, keys.", no_args_is_help=True)
 
@@ -72,43 +71,39 @@ def start(
     address = join_ray(start_local=True)
     from rayfin.serve.deployment import deploy, undeploy
 
-    def stop_on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     serve_settings = settings.serve
-    try:
-        with console.status("deploying the API on Ray Serve..."):
-            url = run_guarded(
-                deploy,
-                options,
-                host=host or serve_settings.host,
-                port=port or serve_settings.port,
-            )
-    except KeyboardInterrupt:
-        err_console.print("interrupted while starting; stopping")
-        raise typer.Exit(130) from None
-    console.print(f"[green]rayfin API[/green] at {url} (Ray at {address})", highlight=False)
-    console.print(
-        f"dashboard: {url}/dashboard\nOpenAPI:   {url}/docs\nmetrics:   {url}/metrics",
-        highlight=False,
-        markup=False,
-    )
-    for role, key in printed.items():
-        console.print(f"{role} key: {key}", highlight=False, markup=False, soft_wrap=True)
-    if detach:
-        console.print("detached; stop it with: rayfin serve stop", highlight=False)
-        return
-    console.print("serving; press Ctrl-C to stop")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        console.print("stopping the API")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        undeploy()
-    console.print("stopped")
+    with sigterm_as_ctrl_c():
+        try:
+            with console.status("deploying the API on Ray Serve..."):
+                url = run_guarded(
+                    deploy,
+                    options,
+                    host=host or serve_settings.host,
+                    port=port or serve_settings.port,
+                )
+        except KeyboardInterrupt:
+            err_console.print("interrupted while starting; stopping")
+            raise typer.Exit(130) from None
+        console.print(f"[green]rayfin API[/green] at {url} (Ray at {address})", highlight=False)
+        console.print(
+            f"dashboard: {url}/dashboard\nOpenAPI:   {url}/docs\nmetrics:   {url}/metrics",
+            highlight=False,
+            markup=False,
+        )
+        for role, key in printed.items():
+            console.print(f"{role} key: {key}", highlight=False, markup=False, soft_wrap=True)
+        if detach:
+            console.print("detached; stop it with: rayfin serve stop", highlight=False)
+            return
+        console.print("serving; press Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopping the API")
+        finally:
+            undeploy()
+        console.print("stopped")
 
 
 @app.command()

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from rayfin.cli.console import console, fail, run_guarded
+from rayfin.cli.console import console, fail, run_guarded, sigterm_as_ctrl_c
 from rayfin.cli.trading import (
     ModelOption,
     RegistryOption,
@@ -115,57 +115,52 @@ def consume(
         raise typer.BadParameter("--sentiment scores the news topic: add news to --kinds")
     loaded = load_model(model, registry) if trade else None
     started_ray = run_guarded(ensure_ray)
-    import signal
-
     import ray
 
-    def stop_on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # a service manager's stop: flush and commit, as Ctrl-C
+    with sigterm_as_ctrl_c():
+        try:
+            trader = None
+            if loaded is not None:
+                from rayfin.actors.trader import TRADER_ACTOR, launch_trader
 
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        trader = None
-        if loaded is not None:
-            from rayfin.actors.trader import TRADER_ACTOR, launch_trader
-
-            trader = run_guarded(
-                launch_trader,
-                loaded,
-                trading_config(threshold, default_tick_size),
-                # Resolved here: the actor may run on a node with settings of its own.
-                ledger or settings.database.url,
-                num_cpus=num_cpus,
-                actor_name=TRADER_ACTOR,
+                trader = run_guarded(
+                    launch_trader,
+                    loaded,
+                    trading_config(threshold, default_tick_size),
+                    # Resolved here: the actor may run on a node with settings of its own.
+                    ledger or settings.database.url,
+                    num_cpus=num_cpus,
+                    actor_name=TRADER_ACTOR,
+                )
+                console.print(f"trading with {loaded!r} into {ray.get(trader.ledger_url.remote())}")
+            options: dict[str, Any] = {}
+            if sentiment == "llm":
+                name, _, version = (sentiment_adapter or "").partition("@")
+                options = {"swarm": swarm, "adapter": name or None, "hub": adapter_hub}
+                options["version"] = int(version) if version.isdigit() else version or None
+            scorer = None if sentiment == "none" else _launch_scorer(sentiment, num_cpus, **options)
+            console.print(
+                f"starting {consumers} consumer(s) in group {config.group_id!r} on "
+                f"{config.bootstrap_servers}, archiving to {config.archive}"
             )
-            console.print(f"trading with {loaded!r} into {ray.get(trader.ledger_url.remote())}")
-        options: dict[str, Any] = {}
-        if sentiment == "llm":
-            name, _, version = (sentiment_adapter or "").partition("@")
-            options = {"swarm": swarm, "adapter": name or None, "hub": adapter_hub}
-            options["version"] = int(version) if version.isdigit() else version or None
-        scorer = None if sentiment == "none" else _launch_scorer(sentiment, num_cpus, **options)
-        console.print(
-            f"starting {consumers} consumer(s) in group {config.group_id!r} on "
-            f"{config.bootstrap_servers}, archiving to {config.archive}"
-        )
-        members = run_guarded(
-            launch_consumers,
-            config,
-            consumers,
-            num_cpus=num_cpus,
-            prefix=config.group_id,
-            trader=trader,
-            scorer=scorer,
-            named=True,  # the HTTP API's /v1/pipeline and dashboard find them by name
-        )
-        stopped_by = _watch(members, seconds, trader)
-        final = [ray.get(m.stop.remote()) for m in members]
-        _report(final, stopped_by)
-        if trader is not None:
-            _report_trading(ray.get(trader.stats.remote()))
-    finally:
-        if started_ray:
-            ray.shutdown()
+            members = run_guarded(
+                launch_consumers,
+                config,
+                consumers,
+                num_cpus=num_cpus,
+                prefix=config.group_id,
+                trader=trader,
+                scorer=scorer,
+                named=True,  # the HTTP API's /v1/pipeline and dashboard find them by name
+            )
+            stopped_by = _watch(members, seconds, trader)
+            final = [ray.get(m.stop.remote()) for m in members]
+            _report(final, stopped_by)
+            if trader is not None:
+                _report_trading(ray.get(trader.stats.remote()))
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 def _launch_scorer(kind: str, num_cpus: float, **options: Any) -> Any:

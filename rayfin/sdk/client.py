@@ -17,7 +17,7 @@ import math
 import operator
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
@@ -113,6 +113,22 @@ def _page_params(
         if value is not None:
             params[key] = value
     return params
+
+
+def _pages(
+    fetch: Callable[..., DecisionPage | OrderPage],
+    symbol: str | None,
+    start: Time,
+    end: Time,
+    order: Order,
+    page_size: int,
+) -> Iterator[Any]:
+    """The items of every page ``fetch`` returns, following ``next_offset``."""
+    offset: int | None = 0
+    while offset is not None:
+        page = fetch(symbol, start, end, limit=page_size, offset=offset, order=order)
+        yield from page.items
+        offset = page.next_offset
 
 
 def _missing_as_none(value: float | None) -> float | None:
@@ -394,11 +410,7 @@ class RayfinClient:
         page_size: int = MAX_PAGE,
     ) -> Iterator[DecisionRow]:
         """Every matching decision, page after page."""
-        offset: int | None = 0
-        while offset is not None:
-            page = self.decisions(symbol, start, end, limit=page_size, offset=offset, order=order)
-            yield from page.items
-            offset = page.next_offset
+        return _pages(self.decisions, symbol, start, end, order, page_size)
 
     def iter_orders(
         self,
@@ -410,11 +422,7 @@ class RayfinClient:
         page_size: int = MAX_PAGE,
     ) -> Iterator[OrderRow]:
         """Every matching order, page after page."""
-        offset: int | None = 0
-        while offset is not None:
-            page = self.orders(symbol, start, end, limit=page_size, offset=offset, order=order)
-            yield from page.items
-            offset = page.next_offset
+        return _pages(self.orders, symbol, start, end, order, page_size)
 
     def decisions_frame(
         self, symbol: str | None = None, start: Time = None, end: Time = None

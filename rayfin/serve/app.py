@@ -37,7 +37,7 @@ from rayfin.serve.pipeline import pipeline_stats
 from rayfin.serve.problems import ApiError, error_response, install
 from rayfin.serve.schemas import check_event_time, iso_text
 from rayfin.serve.scoring import LiveModel, Scorer
-from rayfin.serve.views import LedgerViews
+from rayfin.serve.views import LedgerViews, PageQuery
 
 DASHBOARD = "dashboard.html"
 
@@ -289,6 +289,23 @@ OrderQuery = Annotated[Literal["asc", "desc"], Query(description="oldest or newe
 ModelName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
+def page_query(
+    symbol: SymbolQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    limit: LimitQuery = 100,
+    offset: OffsetQuery = 0,
+    order: OrderQuery = "asc",
+) -> PageQuery:
+    """The filter and page of /v1/decisions and /v1/orders."""
+    return PageQuery(
+        symbol, _aware(start, "start"), _aware(end, "end"), limit, offset, order == "desc"
+    )
+
+
+Paged = Annotated[PageQuery, Depends(page_query)]
+
+
 def _aware(value: dt.datetime | None, name: str) -> dt.datetime | None:
     """``value`` if it is timezone-aware and within the ledger's clock (int64 ns)."""
     if value is None:
@@ -352,36 +369,14 @@ def create_api(services: Services | None) -> FastAPI:
         return svc.scorer.score(body.rows)
 
     @app.get("/v1/decisions", tags=["trading"], responses=ERRORS)
-    def decisions(
-        svc: Svc,
-        _: Reader,
-        symbol: SymbolQuery = None,
-        start: StartQuery = None,
-        end: EndQuery = None,
-        limit: LimitQuery = 100,
-        offset: OffsetQuery = 0,
-        order: OrderQuery = "asc",
-    ) -> s.DecisionPage:
+    def decisions(svc: Svc, _: Reader, page: Paged) -> s.DecisionPage:
         """Recorded decisions (orders proposed: accepted or rejected by risk), paged."""
-        return svc.views.decisions(
-            symbol, _aware(start, "start"), _aware(end, "end"), limit, offset, order == "desc"
-        )
+        return svc.views.decisions(page)
 
     @app.get("/v1/orders", tags=["trading"], responses=ERRORS)
-    def orders(
-        svc: Svc,
-        _: Reader,
-        symbol: SymbolQuery = None,
-        start: StartQuery = None,
-        end: EndQuery = None,
-        limit: LimitQuery = 100,
-        offset: OffsetQuery = 0,
-        order: OrderQuery = "asc",
-    ) -> s.OrderPage:
+    def orders(svc: Svc, _: Reader, page: Paged) -> s.OrderPage:
         """Orders sent to the simulated broker (strategy and protective), paged."""
-        return svc.views.orders(
-            symbol, _aware(start, "start"), _aware(end, "end"), limit, offset, order == "desc"
-        )
+        return svc.views.orders(page)
 
     @app.get("/v1/positions", tags=["trading"], responses=ERRORS)
     def positions(svc: Svc, _: Reader) -> s.Positions:

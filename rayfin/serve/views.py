@@ -11,7 +11,9 @@ import datetime as dt
 import math
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,9 @@ from rayfin.serve.schemas import (
     Positions,
 )
 from rayfin.trading.ledger import Ledger
+
+Row = TypeVar("Row", DecisionRow, OrderRow)
+P = TypeVar("P", DecisionPage, OrderPage)
 
 
 def iso(ts_ns: int) -> dt.datetime:
@@ -48,8 +53,17 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
-def _next(offset: int, limit: int, fetched: int) -> int | None:
-    return offset + limit if fetched > limit else None
+@dataclass(frozen=True)
+class PageQuery:
+    """Which rows of a ledger table (``start <= ts < end``, of ``symbol``), and which page
+    of them."""
+
+    symbol: str | None = None
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    limit: int = 100
+    offset: int = 0
+    newest_first: bool = False
 
 
 class LedgerViews:
@@ -61,37 +75,24 @@ class LedgerViews:
         self._pnl: dict[int, tuple[float, PnL]] = {}
         self._lock = threading.Lock()
 
-    def decisions(
-        self,
-        symbol: str | None,
-        start: dt.datetime | None,
-        end: dt.datetime | None,
-        limit: int,
-        offset: int,
-        newest_first: bool,
-    ) -> DecisionPage:
-        # One row more than asked says whether another page follows.
-        frame = self.ledger.decisions(
-            symbol, start, end, limit + 1, offset, newest_first=newest_first
-        )
-        items = [DecisionRow(**row) for row in _records(frame.head(limit))]
-        return DecisionPage(
-            items=items, limit=limit, offset=offset, next_offset=_next(offset, limit, len(frame))
-        )
+    def decisions(self, query: PageQuery) -> DecisionPage:
+        return self._page(self.ledger.decisions, DecisionRow, DecisionPage, query)
 
-    def orders(
-        self,
-        symbol: str | None,
-        start: dt.datetime | None,
-        end: dt.datetime | None,
-        limit: int,
-        offset: int,
-        newest_first: bool,
-    ) -> OrderPage:
-        frame = self.ledger.orders(symbol, start, end, limit + 1, offset, newest_first=newest_first)
-        items = [OrderRow(**row) for row in _records(frame.head(limit))]
-        return OrderPage(
-            items=items, limit=limit, offset=offset, next_offset=_next(offset, limit, len(frame))
+    def orders(self, query: PageQuery) -> OrderPage:
+        return self._page(self.ledger.orders, OrderRow, OrderPage, query)
+
+    @staticmethod
+    def _page(
+        read: Callable[..., pd.DataFrame], row: type[Row], page: type[P], query: PageQuery
+    ) -> P:
+        # One row more than asked says whether another page follows.
+        q = query
+        frame = read(q.symbol, q.start, q.end, q.limit + 1, q.offset, newest_first=q.newest_first)
+        return page(
+            items=[row(**r) for r in _records(frame.head(q.limit))],
+            limit=q.limit,
+            offset=q.offset,
+            next_offset=q.offset + q.limit if len(frame) > q.limit else None,
         )
 
     def positions(self) -> Positions:

@@ -51,6 +51,8 @@ def plot_trading(
     top.set_title(title)
     bottom.plot(times(equity["ts"]), equity["equity"], lw=0.8, color="tab:blue")
     bottom.set_ylabel("equity")
+    bottom.ticklabel_format(axis="y", style="plain", useOffset=False)  # not "+1e6"
+    top.ticklabel_format(axis="y", style="plain", useOffset=False)
     fig.autofmt_xdate()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
