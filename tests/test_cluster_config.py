@@ -39,8 +39,10 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from rayfin.cli import app as rayfin_app
 from rayfin.cluster import SERVE_ENV
-from rayfin.config import ServeSettings
+from rayfin.config import ServeSettings, reload_settings
+from rayfin.serve.app import ApiOptions
 from rayfin.serve.auth import digest, new_key
+from rayfin.trading.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS_CONFIG = ROOT / "cluster.yaml"
@@ -231,6 +233,14 @@ def test_head_starts_the_services_after_the_broker(aws: dict[str, Any]) -> None:
     swarm = _parse(_call(commands, "llm", "serve")).params
     assert (swarm["model"], swarm["stages"], swarm["detach"]) == ("smollm2-135m", 3, True)
     assert swarm["name"] == ServeSettings().swarm  # the swarm the API's LLM routes use
+    # No GPU node is up when the swarm starts, so its servers' GPU share is given (else
+    # they take none), and all of them fit on one gpu_worker; the wait covers that node's
+    # boot and setup, in one plain command (no retry loop around it).
+    gpus = aws["available_node_types"]["gpu_worker"]["resources"]["GPU"]
+    assert swarm["num_gpus"], "no --num-gpus: the servers would take no GPU"
+    assert swarm["num_gpus"] * swarm["stages"] * swarm["replicas"] <= gpus
+    assert swarm["timeout"] >= 1800
+    assert commands[_index(commands, "rayfin llm serve")].startswith("rayfin llm serve ")
     pipeline = _parse(_call(commands, "consume")).params
     assert pipeline["trade"]
     assert pipeline["sentiment"] == "llm"
@@ -241,6 +251,12 @@ def test_head_starts_the_services_after_the_broker(aws: dict[str, Any]) -> None:
     assert "|| rayfin train" in train
     assert '.get("market", "production")' in train
     assert _parse(_call(commands, "train")).params["promote"]
+    # The registry and the ledger come from the head's settings, resolved by rayfin itself
+    # (see test_the_head_commands_share_one_registry_and_ledger): nothing passes them, and
+    # no command reads a setting with a `$(python -c ...)` of its own.
+    assert _parse(_call(commands, "train")).params["registry"] is None
+    assert (pipeline["registry"], pipeline["ledger"]) == (None, None)
+    assert not [c for c in commands if "$(python" in c or "get_settings().serve" in c]
     # The pipeline runs in the background, logged, with its pid kept for the next start.
     start = commands[_index(commands, "rayfin consume")]
     assert "nohup rayfin consume" in start
@@ -265,12 +281,14 @@ def test_every_rayfin_call_parses(path: Path) -> None:
 
 
 def test_the_command_line_check_bites() -> None:
-    # (This option is documented but missing, so the configs advertise the broker through
-    # RAYFIN_BROKER__ADVERTISED_HOST instead.)
-    with pytest.raises(Exception, match="No such option: --advertised-host"):
-        _parse(["broker", "start", "--advertised-host", "10.0.0.1"])
+    with pytest.raises(Exception, match="No such option: --num-gpu"):
+        _parse(["llm", "serve", "--num-gpu", "1"])
+    with pytest.raises(AssertionError, match="rayfin has no command 'registry'"):
+        _parse(["registry", "list"])
     with pytest.raises(Exception, match="greater than or equal to 1"):
         _parse(["llm", "serve", "--stages", "0"])
+    with pytest.raises(Exception, match="greater than or equal to 0"):
+        _parse(["llm", "serve", "--num-gpus", "-1"])
 
 
 def _bash(command: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -344,10 +362,10 @@ def test_aws_opens_the_api_port_to_a_placeholder_range(aws: dict[str, Any]) -> N
 
 
 STUB = """#!/usr/bin/env bash
-# A stand-in for rayfin: records its arguments, and stops on SIGINT like `rayfin consume`.
+# A stand-in for rayfin: records its arguments, and stops on SIGTERM like `rayfin consume`.
 echo "$@" >> "$HOME/rayfin-calls"
 if [ "$1" = consume ]; then
-  trap 'echo stopped-by-INT >> "$HOME/rayfin-calls"; exit 0' INT
+  trap 'echo stopped-by-TERM >> "$HOME/rayfin-calls"; exit 0' TERM
   while true; do sleep 0.1; done
 fi
 """
@@ -361,46 +379,67 @@ def test_first_model_and_pipeline_lines_run(aws: dict[str, Any], tmp_path: Path)
     bin_dir.mkdir()
     (bin_dir / "rayfin").write_text(STUB)
     (bin_dir / "rayfin").chmod(0o755)
-    # `python` is this interpreter (with rayfin); `rayfin` is the stand-in.
+    # `python` is this interpreter (with rayfin); `rayfin` is the stand-in. The registry is
+    # the head's setting (a line in its ~/.bashrc would export it).
     path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    registry = _setting("registry")
+    registry = str(tmp_path / "registry")
+    env = {"PATH": path, "RAYFIN_TRADING__REGISTRY": registry}
     calls = home / "rayfin-calls"
 
     # No production model in the (empty) registry: the check fails, so it trains.
     train = commands[_index(commands, "rayfin train")]
-    done = _bash(train.replace(" 2>/dev/null", ""), home, PATH=path)
+    done = _bash(train.replace(" 2>/dev/null", ""), home, **env)
     assert done.returncode == 0, done.stderr
     assert "ModelNotFoundError" in done.stderr  # the check ran, and found no model
-    assert calls.read_text().splitlines() == [f"train --registry {registry}"]
+    assert registry in done.stderr  # ... in trading.registry
+    assert calls.read_text().splitlines() == ["train"]
     calls.unlink()
-    # With a production model (a tiny real one), nothing is trained.
+    # With a production model (a tiny real one) in trading.registry, nothing is trained.
     _promote_a_model(registry)
-    done = _bash(train, home, PATH=path)
+    done = _bash(train, home, **env)
     assert done.returncode == 0, done.stderr
     assert not calls.exists()
 
-    # The pipeline starts in the background and the next `ray up` stops it with SIGINT.
-    done = _bash(commands[_index(commands, "rayfin consume")], home, PATH=path)
+    # The pipeline starts in the background (a job without job control, so one that
+    # ignores SIGINT) and the next `ray up` stops it with SIGTERM.
+    done = _bash(commands[_index(commands, "rayfin consume")], home, **env)
     assert done.returncode == 0, done.stderr
     pid = int((home / "rayfin-consume.pid").read_text())
     try:
         assert (home / "rayfin-consume.log").exists()
         _wait_for_lines(calls, 1)
         assert calls.read_text().splitlines() == [
-            f"consume --consumers 2 --trade --registry {registry} --ledger {_setting('ledger')} "
-            "--default-tick-size 0.01 --sentiment llm"
+            "consume --consumers 2 --trade --default-tick-size 0.01 --sentiment llm"
         ]
         # (Some containers never reap orphans, so the stopped stand-in stays a zombie that
         # `kill -0` still finds: the wait for it is cut to 3 s here.)
         stop = commands[_index(commands, "rayfin-consume.pid")].replace("seq 30", "seq 3")
-        done = _bash(stop, home, PATH=path)
+        done = _bash(stop, home, **env)
         assert done.returncode == 0, done.stderr
         _wait_for_lines(calls, 2)
-        assert calls.read_text().splitlines()[-1] == "stopped-by-INT"
+        assert calls.read_text().splitlines()[-1] == "stopped-by-TERM"
         assert not (home / "rayfin-consume.pid").exists()
     finally:
-        if "stopped-by-INT" not in calls.read_text():  # still running: the stand-in we started
+        if "stopped-by-TERM" not in calls.read_text():  # still running: the stand-in we started
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_head_commands_share_one_registry_and_ledger(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # What the start commands rely on, now that they pass neither: the first-model check
+    # and `rayfin train` (ModelRegistry()), `rayfin consume` (its model: ModelRegistry())
+    # and the API (its options, built by `rayfin serve start` on the head) resolve the
+    # registry and the ledger from the same settings. (`rayfin consume` hands its trader
+    # --ledger, else database.url.)
+    registry, ledger = str(tmp_path / "registry"), f"sqlite:///{tmp_path}/ledger.db"
+    monkeypatch.setenv("RAYFIN_TRADING__REGISTRY", registry)
+    monkeypatch.setenv("RAYFIN_DATABASE__URL", ledger)
+    settings = reload_settings()
+    assert (settings.trading.registry, settings.database.url) == (registry, ledger)
+    assert ModelRegistry().root == registry
+    api = ApiOptions.from_settings(settings)
+    assert (api.registry, api.ledger_url, api.model) == (registry, ledger, "market")
 
 
 def _promote_a_model(root: str) -> None:
@@ -409,7 +448,6 @@ def _promote_a_model(root: str) -> None:
     import numpy as np
 
     from rayfin.trading.labels import LabelSpec
-    from rayfin.trading.registry import ModelRegistry
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 1))
@@ -425,14 +463,6 @@ def _promote_a_model(root: str) -> None:
         fingerprint="0" * 64,
     )
     registry.promote("market", version.version)
-
-
-def _setting(name: str) -> str:
-    """The registry or ledger the head's commands resolve, from the test's settings."""
-    from rayfin.config import get_settings
-
-    settings = get_settings()
-    return str(settings.serve.registry if name == "registry" else settings.database.url)
 
 
 def _wait_for_lines(path: Path, count: int, timeout_s: float = 10.0) -> None:

@@ -42,13 +42,29 @@ def fuzzed_api(api_server: ApiServer) -> Iterator[ApiServer]:
     registry.promote("market", production)
 
 
-@schema.parametrize()
+LLM = r"^/v1/(sentiment|generate)$"
+"""The endpoints that run the swarm: a second or more a case on CPUs, so fewer cases."""
+
+
+def _call(case: schemathesis.Case, api: ApiServer) -> None:
+    case.call_and_validate(base_url=api.url, headers={"X-API-Key": api.trade_key}, timeout=120)
+
+
+@schema.exclude(path_regex=LLM).parametrize()
 @settings(
     max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 def test_no_input_breaks_the_api(case: schemathesis.Case, fuzzed_api: ApiServer) -> None:
-    case.call_and_validate(
-        base_url=fuzzed_api.url, headers={"X-API-Key": fuzzed_api.trade_key}, timeout=120
-    )
+    _call(case, fuzzed_api)
+
+
+@schema.include(path_regex=LLM).parametrize()
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+def test_no_input_breaks_the_llm_endpoints(case: schemathesis.Case, fuzzed_api: ApiServer) -> None:
+    _call(case, fuzzed_api)

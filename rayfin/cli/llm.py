@@ -114,7 +114,9 @@ def serve(
     ] = None,
     operator: Annotated[
         str | None,
-        typer.Option(help="Points account the servers' work is credited to [each server id]."),
+        typer.Option(
+            help="Points account the servers' work is credited to (default: each server id)."
+        ),
     ] = None,
 ) -> None:
     """Start a swarm serving MODEL; in the foreground until Ctrl-C, or --detach."""

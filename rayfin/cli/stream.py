@@ -54,9 +54,9 @@ def consume(
     trade: Annotated[
         bool, typer.Option(help="Trade the tick features live with a registered model.")
     ] = False,
-    model: ModelOption = "market:production",
+    model: ModelOption = None,
     registry: RegistryOption = None,
-    threshold: ThresholdOption = 0.7,
+    threshold: ThresholdOption = None,
     default_tick_size: TickSizeOption = None,
     ledger: Annotated[
         str | None, typer.Option(help="Trading ledger database URL (default: database.url).")

@@ -41,12 +41,27 @@ def _ticks(rows: str):  # -> pd.DataFrame
     return es_ticks().iloc[_slice(rows)].reset_index(drop=True)
 
 
-ModelOption = Annotated[str, typer.Option("--model", help="NAME[:VERSION|ALIAS] in the registry.")]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="NAME[:VERSION|ALIAS] in the registry (default: trading.model, production).",
+    ),
+]
 RegistryOption = Annotated[
-    str | None, typer.Option("--registry", help="Registry root, a path or s3:// URI.")
+    str | None,
+    typer.Option(
+        "--registry", help="Registry root, a path or s3:// URI (default: trading.registry)."
+    ),
 ]
 ThresholdOption = Annotated[
-    float, typer.Option("--threshold", help="Act when P(up) or P(down) reaches this.")
+    float | None,
+    typer.Option(
+        "--threshold",
+        min=0.5,
+        max=1.0,
+        help="Act when P(up) or P(down) reaches this (default: trading.threshold).",
+    ),
 ]
 TickSizeOption = Annotated[
     float | None,
@@ -58,46 +73,55 @@ TickSizeOption = Annotated[
 ]
 
 
-def load_model(model: str, registry: str | None):  # -> rayfin.trading.scoring.Model
-    """The registered model NAME[:VERSION|ALIAS] (alias ``production`` by default)."""
+def load_model(model: str | None, registry: str | None):  # -> rayfin.trading.scoring.Model
+    """The registered model NAME[:VERSION|ALIAS] (alias ``production`` by default; the
+    ``trading.model`` setting when None)."""
+    from rayfin.config import get_settings
     from rayfin.trading.registry import ModelRegistry
 
-    name, _, ref = model.partition(":")
+    name, _, ref = (model or get_settings().trading.model).partition(":")
     store = run_guarded(ModelRegistry, registry)
     return run_guarded(store.load, name, ref or "production")
 
 
 def trading_config(
-    threshold: float, default_tick_size: float | None = None
+    threshold: float | None, default_tick_size: float | None = None
 ):  # -> rayfin.trading.engine.TradingConfig
-    """The default trading configuration with the strategy's ``threshold``, and any symbol
-    accepted on ``default_tick_size`` if given."""
+    """The default trading configuration with the strategy's ``threshold`` (the
+    ``trading.threshold`` setting when None), and any symbol accepted on
+    ``default_tick_size`` if given."""
+    from rayfin.config import get_settings
     from rayfin.trading.engine import TradingConfig
     from rayfin.trading.orders import Instruments
     from rayfin.trading.strategy import StrategyConfig
 
     return TradingConfig(
-        strategy=run_guarded(StrategyConfig, threshold=threshold),
+        strategy=run_guarded(
+            StrategyConfig,
+            threshold=get_settings().trading.threshold if threshold is None else threshold,
+        ),
         instruments=run_guarded(Instruments, default_tick_size=default_tick_size),
     )
 
 
 def train(
     rows: RowsOption = "0:400000",
-    name: Annotated[str, typer.Option(help="Model name in the registry.")] = "market",
+    name: Annotated[
+        str | None, typer.Option(help="Model name in the registry (default: trading.model).")
+    ] = None,
     promote: Annotated[
         bool, typer.Option(help="Point the 'production' alias at the new version.")
     ] = True,
-    registry: Annotated[
-        str | None, typer.Option(help="Registry root, a path or s3:// URI.")
-    ] = None,
+    registry: RegistryOption = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train a LightGBM up/down/flat model on the ES ticks (tuned with purged CV on Ray)."""
     from rayfin.cluster import ensure_ray
+    from rayfin.config import get_settings
     from rayfin.trading.registry import ModelRegistry
     from rayfin.trading.training import train_model
 
+    name = name or run_guarded(get_settings).trading.model
     ticks = _ticks(rows)
     store = run_guarded(ModelRegistry, registry)
     run_guarded(ensure_ray)
@@ -112,9 +136,9 @@ def train(
 
 def backtest(
     rows: RowsOption = "400000:500000",
-    model: ModelOption = "market:production",
+    model: ModelOption = None,
     registry: RegistryOption = None,
-    threshold: ThresholdOption = 0.7,
+    threshold: ThresholdOption = None,
     default_tick_size: TickSizeOption = None,
     plot: Annotated[Path | None, typer.Option(help="Write the equity plot (PNG) here.")] = None,
     ledger: Annotated[
