@@ -49,7 +49,7 @@ def api_server(
 ) -> Iterator[ApiServer]:
     from rayfin.llm import launch_swarm
     from rayfin.serve.app import ApiOptions
-    from rayfin.serve.deployment import deploy, undeploy
+    from rayfin.serve.deployment import Resources, deploy, undeploy
     from rayfin.serve.llm import LLMOptions
     from rayfin.trading.backtest import backtest
     from rayfin.trading.ledger import Ledger
@@ -62,7 +62,8 @@ def api_server(
     held_out = market_features.iloc[TRAIN_ROWS:].reset_index(drop=True)
     with Ledger(ledger_url) as ledger:
         backtest(held_out, model=market_model, config=ACTIVE_CONFIG, ledger=ledger)
-    swarm = launch_swarm("smollm2-135m", name=API_SWARM, num_stages=2, num_cpus=0.1)
+    # No logical CPUs held for the session: later tests (Ray Train) need all of them.
+    swarm = launch_swarm("smollm2-135m", name=API_SWARM, num_stages=2, num_cpus=0)
     keys = {role: new_key() for role in ("read", "trade", "slow")}
     options = ApiOptions(
         keys=(
@@ -87,7 +88,7 @@ def api_server(
             max_new_tokens=API_MAX_NEW_TOKENS,
         ),
     )
-    url = deploy(options, port=free_port())
+    url = deploy(options, port=free_port(), resources=Resources(ingress_cpus=0, llm_cpus=0))
     try:
         yield ApiServer(
             url=url,

@@ -245,7 +245,7 @@ def test_head_starts_the_services_after_the_broker(aws: dict[str, Any]) -> None:
     assert pipeline["trade"]
     assert pipeline["sentiment"] == "llm"
     assert pipeline["swarm"] == swarm["name"]
-    assert pipeline["model"] == "market:production"
+    assert pipeline["model"] is None  # the trading.model setting's production version
     # Train only when the registry has no production model: `check || rayfin train`.
     train = commands[_index(commands, "rayfin train")]
     assert "|| rayfin train" in train

@@ -427,3 +427,11 @@ def test_oversized_bodies_get_413(api_server: ApiServer, http: httpx.Client) -> 
 
     r = http.post("/v1/sentiment", content=chunks(), headers={"content-type": "application/json"})
     _error(r, 413, "too_large")
+
+
+def test_unknown_query_parameters_and_tiny_temperatures_get_422(http: httpx.Client) -> None:
+    message = _error(http.get("/v1/decisions", params={"ordr": "desc"}), 422, "validation_error")
+    assert "'ordr'" in message
+    assert "order" in message
+    tiny = {"prompt": "hi", "temperature": 1e-300}
+    assert "temperature" in _error(http.post("/v1/generate", json=tiny), 422, "validation_error")

@@ -151,6 +151,33 @@ def _services(request: Request) -> Services:
     return request.app.state.services
 
 
+def _query_names(dependant: Any) -> frozenset[str]:
+    """The query parameters a route (its dependencies included) declares."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+def known_query(request: Request) -> None:
+    """Refuse query parameters the route does not declare: as with bodies, a misspelt
+    option (``?ordr=desc``) must not be silently ignored."""
+    route = request.scope.get("route")
+    if route is None or not request.query_params:
+        return
+    known = getattr(route, "rayfin_query_names", None)
+    if known is None:
+        known = route.rayfin_query_names = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"query: unknown parameter(s) {', '.join(map(repr, unknown))}; this endpoint "
+            f"takes {', '.join(sorted(known)) or 'none'}",
+        )
+
+
 def require(role: Role) -> Any:
     """A dependency admitting holders of a ``role`` key, within their rate limit."""
 
@@ -328,6 +355,7 @@ def create_api(services: Services | None) -> FastAPI:
         # Operation ids are the route names (score, decisions, promote...): what generated
         # clients call their methods.
         generate_unique_id_function=lambda route: route.name,
+        dependencies=[Depends(known_query)],
         version=__version__,
         summary="Market decisions, trading state and the distributed LLM over HTTP.",
         description=(

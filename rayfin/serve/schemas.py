@@ -22,6 +22,7 @@ MAX_SCORE_ROWS = 1000
 MAX_HEADLINES = 64
 MAX_HEADLINE_CHARS = 512
 DEFAULT_NEW_TOKENS = 64
+MIN_TEMPERATURE = 0.01
 MAX_FEATURES = 256
 """Most feature columns one row may carry (a model uses a few dozen)."""
 
@@ -376,9 +377,19 @@ class GenerateRequest(_Body):
         "limit if lower (more than the limit: 413)",
     )
     chat: bool = Field(True, description="wrap the prompt in the model's chat template")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy")
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description=f"0: greedy; else at least {MIN_TEMPERATURE}"
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        # Logits divided by a tiny temperature overflow to inf, and sampling from inf fails.
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
 
 class GenerateResult(_Out):
