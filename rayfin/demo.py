@@ -130,7 +130,10 @@ def _swarm(console: Console, options: DemoOptions) -> Any:
     from rayfin.llm import launch_swarm
 
     model = get_settings().models.default
-    with console.status(f"launching the {model} swarm ({options.stages} block servers)"):
+    with console.status(
+        f"launching the {model} swarm ({options.stages} block servers; a first run converts "
+        "the bundled GGUF weights once, about 30 s)"
+    ):
         swarm = launch_swarm(model, name=DEMO_SWARM, num_stages=options.stages, num_cpus=0.25)
     ranges = ", ".join(f"[{i.start}, {i.end})" for i in swarm.status() if i is not None)
     console.print(f"launched the {model} swarm {DEMO_SWARM!r}: blocks {ranges}")

@@ -87,6 +87,9 @@ class RemoteBlocks:
         with self._lock:
             if not force and time.monotonic() - self._refreshed < self.options.refresh_interval_s:
                 return
+            # Sessions routed from now on may reach their servers after the servers answer
+            # below: only those routed before count as seen by the new figures.
+            counted = Counter(self._opened_since_refresh)
         records = ray.get(self.registry.servers.remote(), timeout=self.options.info_timeout_s)
         records = [
             r
@@ -113,7 +116,7 @@ class RemoteBlocks:
             for server_id, ping in pings.items():
                 previous = self._ping.get(server_id, ping)
                 self._ping[server_id] = min(ping, 0.5 * previous + 0.5 * ping)
-            self._opened_since_refresh.clear()
+            self._opened_since_refresh -= counted
             self._refreshed = time.monotonic()
 
     def handle(self, server_id: str) -> Any:
