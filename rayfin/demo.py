@@ -635,7 +635,11 @@ def run_demo(options: DemoOptions | None = None, *, console: Console | None = No
         _print_try(console, report)
         if options.serve_forever:
             console.print("serving until Ctrl-C")
-            while True:
-                time.sleep(3600)
-        console.print("shutting down; `rayfin demo --serve-forever` keeps the API up")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:  # the way to end it: stop everything, exit 0
+                console.print("Ctrl-C: stopping everything the demo started")
+        else:
+            console.print("shutting down; `rayfin demo --serve-forever` keeps the API up")
     return report

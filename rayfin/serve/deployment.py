@@ -12,6 +12,7 @@ processes run with :data:`rayfin.cluster.SERVE_ENV` (rayfin's local Ray and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,9 @@ def deploy(
     from rayfin.config import client_host
 
     app = build_app(options, resources)
+    # Serve's INFO lines ("Connecting to existing Serve app ... will not be applied") read
+    # like trouble in a terminal; its warnings and errors still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{client_host(host)}:{port}"
