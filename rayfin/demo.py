@@ -35,6 +35,7 @@ from rich.table import Table
 
 from rayfin.config import ApiKey, get_settings
 from rayfin.errors import RayfinError
+from rayfin.stream.metrics import group_totals
 
 DEMO_SWARM = "demo"
 DEMO_GROUP = "rayfin-demo"
@@ -324,6 +325,7 @@ class _Progress:
         self.rate = 0.0
         self.trader: dict[str, Any] = {}
         self.consumers: list[dict[str, Any]] = []
+        self.group: dict[str, Any] = group_totals([])
         self.scorer: dict[str, Any] = {}
 
     def poll(self) -> None:
@@ -335,15 +337,12 @@ class _Progress:
             + [c.stats.remote() for c in p.consumers],
             timeout=30,
         )
-        now, records = time.monotonic(), self.records_in
+        self.group = group_totals(self.consumers)
+        now, records = time.monotonic(), self.group["records_in"]
         then, before = self._last
         if now - then >= 1.0:
             self.rate = (records - before) / (now - then)
             self._last = (now, records)
-
-    @property
-    def records_in(self) -> int:
-        return sum(sum(s["records_in"].values()) for s in self.consumers)
 
     @property
     def done(self) -> bool:
@@ -353,10 +352,7 @@ class _Progress:
 
     def render(self) -> Table:
         t = self.trader
-        latency = {}
-        for stats in self.consumers:
-            for q, value in stats["latency_ms"].items():
-                latency[q] = max(latency.get(q, 0.0), value)
+        latency = self.group["latency_ms"]
         outcomes = t.get("outcomes", {})
         holds = outcomes.get("below_threshold", 0) + outcomes.get("same_direction", 0)
         accepted = outcomes.get("accepted", 0)
@@ -368,7 +364,7 @@ class _Progress:
         table.add_row("replayed", f"{self.sent[0]:,} / {total:,} messages")
         table.add_row(
             "features",
-            f"{self.records_in:,} records ({self.rate:,.0f}/s), latency p50 "
+            f"{self.group['records_in']:,} records ({self.rate:,.0f}/s), latency p50 "
             f"{latency.get('p50', 0):.1f} ms, p99 {latency.get('p99', 0):.1f} ms",
         )
         table.add_row(

@@ -188,6 +188,8 @@ def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str
     """Print the group's progress every second until ``seconds`` pass or Ctrl-C."""
     import ray
 
+    from rayfin.stream.metrics import group_totals
+
     deadline = None if seconds is None else time.monotonic() + seconds
     last_in, last_t = 0, time.monotonic()
     try:
@@ -197,15 +199,16 @@ def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str
                 stats = ray.get([m.stats.remote() for m in members], timeout=30)
             except ray.exceptions.RayError as exc:
                 raise fail(f"a consumer failed: {exc}") from None
-            total_in = sum(sum(s["records_in"].values()) for s in stats)
+            group = group_totals(stats)
+            total_in = group["records_in"]
             now = time.monotonic()
             rate = (total_in - last_in) / max(now - last_t, 1e-9)
             last_in, last_t = total_in, now
-            lag = sum(sum(s["lag"].values()) for s in stats)
             assigned = sum(len(s["assigned"]) for s in stats)
+            p50 = group["latency_ms"].get("p50")
             line = (
-                f"{total_in:,} records ({rate:,.0f}/s), lag {lag:,}, "
-                f"{assigned} partitions, p50 {_p50(stats)}"
+                f"{total_in:,} records ({rate:,.0f}/s), lag {group['lag']:,}, "
+                f"{assigned} partitions, p50 {'-' if p50 is None else f'{p50:.1f} ms'}"
             )
             if trader is not None:
                 try:
@@ -221,11 +224,6 @@ def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str
         console.print("stopping: flushing, committing and leaving the group")
         return "Ctrl-C"
     return "deadline"
-
-
-def _p50(stats: list[dict[str, Any]]) -> str:
-    values = [s["latency_ms"]["p50"] for s in stats if s["latency_ms"]]
-    return f"{max(values):.1f} ms" if values else "-"
 
 
 def _report(final: list[dict[str, Any]], stopped_by: str) -> None:

@@ -13,6 +13,7 @@ from rayfin.actors.feature_consumer import CONSUMER_ACTOR_PREFIX
 from rayfin.actors.trader import TRADER_ACTOR
 from rayfin.cluster import NAMESPACE
 from rayfin.serve.schemas import PipelineStats
+from rayfin.stream.metrics import group_totals
 
 STATS_TIMEOUT_S = 2.0
 
@@ -49,20 +50,9 @@ def pipeline_stats(llm: dict[str, Any] | None) -> PipelineStats:
     """The consumers' totals, the trader's stats and the API's LLM stats."""
     consumers = _stats(_named(CONSUMER_ACTOR_PREFIX))
     traders = _stats(_named(TRADER_ACTOR))
-    latency: dict[str, float] = {}
-    for stats in consumers:  # the worst member's percentiles
-        for q, value in stats.get("latency_ms", {}).items():
-            latency[q] = max(latency.get(q, 0.0), float(value))
     trader = traders[0] if traders else None
     if trader is not None:
         trader = {k: v for k, v in trader.items() if k != "marks"}
     return PipelineStats(
-        consumers=len(consumers),
-        records_in=sum(sum(s.get("records_in", {}).values()) for s in consumers),
-        feature_rows=sum(sum(s.get("features_out", {}).values()) for s in consumers),
-        dead_letters=sum(sum(s.get("dead_letters", {}).values()) for s in consumers),
-        latency_ms=latency,
-        lag=sum(sum(s.get("lag", {}).values()) for s in consumers),
-        trader=trader,
-        llm=llm,
+        consumers=len(consumers), **group_totals(consumers), trader=trader, llm=llm
     )

@@ -132,6 +132,22 @@ class StreamMetrics:
         }
 
 
+def group_totals(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """A consumer group's figures from its members' :meth:`StreamMetrics.snapshot`s: the
+    counts summed, the latency percentiles of its slowest member."""
+    latency: dict[str, float] = {}
+    for stats in members:
+        for q, value in stats.get("latency_ms", {}).items():
+            latency[q] = max(latency.get(q, 0.0), float(value))
+    return {
+        "records_in": sum(sum(s.get("records_in", {}).values()) for s in members),
+        "feature_rows": sum(sum(s.get("features_out", {}).values()) for s in members),
+        "dead_letters": sum(sum(s.get("dead_letters", {}).values()) for s in members),
+        "lag": sum(sum(s.get("lag", {}).values()) for s in members),
+        "latency_ms": latency,
+    }
+
+
 def _in_ray() -> bool:
     import ray
 
