@@ -321,8 +321,6 @@ class _Progress:
         self.news = news
         self.sent = [0]
         self.started = time.monotonic()
-        self._last: tuple[float, int] = (self.started, 0)
-        self.rate = 0.0
         self.trader: dict[str, Any] = {}
         self.consumers: list[dict[str, Any]] = []
         self.group: dict[str, Any] = group_totals([])
@@ -338,11 +336,6 @@ class _Progress:
             timeout=30,
         )
         self.group = group_totals(self.consumers)
-        now, records = time.monotonic(), self.group["records_in"]
-        then, before = self._last
-        if now - then >= 1.0:
-            self.rate = (records - before) / (now - then)
-            self._last = (now, records)
 
     @property
     def done(self) -> bool:
@@ -352,7 +345,8 @@ class _Progress:
 
     def render(self) -> Table:
         t = self.trader
-        latency = self.group["latency_ms"]
+        group = self.group
+        latency = group["latency_ms"]
         outcomes = t.get("outcomes", {})
         holds = outcomes.get("below_threshold", 0) + outcomes.get("same_direction", 0)
         accepted = outcomes.get("accepted", 0)
@@ -364,7 +358,7 @@ class _Progress:
         table.add_row("replayed", f"{self.sent[0]:,} / {total:,} messages")
         table.add_row(
             "features",
-            f"{self.group['records_in']:,} records ({self.rate:,.0f}/s), latency p50 "
+            f"{group['records_in']:,} records ({group['records_per_second']:,.0f}/s), latency p50 "
             f"{latency.get('p50', 0):.1f} ms, p99 {latency.get('p99', 0):.1f} ms",
         )
         table.add_row(

@@ -191,7 +191,6 @@ def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str
     from rayfin.stream.metrics import group_totals
 
     deadline = None if seconds is None else time.monotonic() + seconds
-    last_in, last_t = 0, time.monotonic()
     try:
         while deadline is None or time.monotonic() < deadline:
             time.sleep(min(1.0, max(0.0, (deadline or float("inf")) - time.monotonic())))
@@ -200,14 +199,11 @@ def _watch(members: list[Any], seconds: float | None, trader: Any = None) -> str
             except ray.exceptions.RayError as exc:
                 raise fail(f"a consumer failed: {exc}") from None
             group = group_totals(stats)
-            total_in = group["records_in"]
-            now = time.monotonic()
-            rate = (total_in - last_in) / max(now - last_t, 1e-9)
-            last_in, last_t = total_in, now
             assigned = sum(len(s["assigned"]) for s in stats)
             p50 = group["latency_ms"].get("p50")
             line = (
-                f"{total_in:,} records ({rate:,.0f}/s), lag {group['lag']:,}, "
+                f"{group['records_in']:,} records ({group['records_per_second']:,.0f}/s), "
+                f"lag {group['lag']:,}, "
                 f"{assigned} partitions, p50 {'-' if p50 is None else f'{p50:.1f} ms'}"
             )
             if trader is not None:

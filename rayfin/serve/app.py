@@ -18,7 +18,7 @@ import asyncio
 import datetime as dt
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
@@ -38,6 +38,9 @@ from rayfin.serve.problems import ApiError, error_response, install
 from rayfin.serve.schemas import check_event_time, iso_text
 from rayfin.serve.scoring import LiveModel, Scorer
 from rayfin.serve.views import LedgerViews, PageQuery
+
+if TYPE_CHECKING:
+    from rayfin.trading.registry import ModelVersion
 
 DASHBOARD = "dashboard.html"
 
@@ -513,17 +516,20 @@ def _llm(svc: Services) -> Any:
     return svc.llm
 
 
-def _version_out(svc: Services, name: str, number: int) -> s.ModelVersionOut:
-    version = svc.registry.get(name, number)
-    aliases = svc.registry.aliases(name)
+def _described(version: ModelVersion, aliases: dict[str, int]) -> s.ModelVersionOut:
+    """A registered version as the API shows it, with the aliases pointing at it now."""
     return s.ModelVersionOut(
-        name=name,
+        name=version.name,
         version=version.version,
         created=version.created,
         features=list(version.features),
         metrics=version.metrics,
-        aliases=sorted(a for a, v in aliases.items() if v == version.version),
+        aliases=sorted(a for a, n in aliases.items() if n == version.version),
     )
+
+
+def _version_out(svc: Services, name: str, number: int) -> s.ModelVersionOut:
+    return _described(svc.registry.get(name, number), svc.registry.aliases(name))
 
 
 def _model_list(svc: Services, name: str) -> s.ModelList:
@@ -534,17 +540,7 @@ def _model_list(svc: Services, name: str) -> s.ModelList:
     return s.ModelList(
         name=name,
         production=aliases.get(DEFAULT_ALIAS),
-        versions=[
-            s.ModelVersionOut(
-                name=name,
-                version=v.version,
-                created=v.created,
-                features=list(v.features),
-                metrics=v.metrics,
-                aliases=sorted(a for a, n in aliases.items() if n == v.version),
-            )
-            for v in versions
-        ],
+        versions=[_described(v, aliases) for v in versions],
     )
 
 

@@ -423,6 +423,7 @@ class PipelineStats(_Out):
     feature_rows: int
     dead_letters: int
     latency_ms: dict[str, float]
+    records_per_second: float = Field(description="over each consumer's last second or so")
     lag: int
     trader: dict[str, Any] | None
     llm: dict[str, Any] | None

@@ -134,7 +134,7 @@ class StreamMetrics:
 
 def group_totals(members: list[dict[str, Any]]) -> dict[str, Any]:
     """A consumer group's figures from its members' :meth:`StreamMetrics.snapshot`s: the
-    counts summed, the latency percentiles of its slowest member."""
+    counts and rates summed, the latency percentiles of its slowest member."""
     latency: dict[str, float] = {}
     for stats in members:
         for q, value in stats.get("latency_ms", {}).items():
@@ -144,6 +144,9 @@ def group_totals(members: list[dict[str, Any]]) -> dict[str, Any]:
         "feature_rows": sum(sum(s.get("features_out", {}).values()) for s in members),
         "dead_letters": sum(sum(s.get("dead_letters", {}).values()) for s in members),
         "lag": sum(sum(s.get("lag", {}).values()) for s in members),
+        "records_per_second": round(
+            sum(sum(s.get("records_per_second", {}).values()) for s in members), 1
+        ),
         "latency_ms": latency,
     }
 
